@@ -1,0 +1,171 @@
+"""Table 1's architecture strings (paper §3.2): parse strictly into specs, format back, build layers.
+
+Grammar, one token per layer, joined by '-':
+  c{ch}[k{k}][s{s}]   convolution (k and s omitted when 1)
+  d{ch}[k{k}][s{s}]   transposed convolution
+  f[{units}]          fully connected; a bare 'f' is the network's output size
+  p                   max pooling, kernel 3, stride 2
+  r({h},{w},{c})      reshape to h x w with c channels
+  u                   nearest upsampling by 2
+Sizes are never computed by hand: `build` runs a dummy tensor through each layer as it is added.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Conv:
+    channels: int
+    kernel: int = 1
+    stride: int = 1
+
+
+@dataclass(frozen=True)
+class Deconv:
+    channels: int
+    kernel: int = 1
+    stride: int = 1
+
+
+@dataclass(frozen=True)
+class Dense:
+    units: int | None = None  # None: the network's output size
+
+
+@dataclass(frozen=True)
+class Pool:
+    pass
+
+
+@dataclass(frozen=True)
+class Reshape:
+    height: int
+    width: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class Upsample:
+    pass
+
+
+Spec = Conv | Deconv | Dense | Pool | Reshape | Upsample
+
+_CONV = re.compile(r"([cd])([1-9]\d*)(?:k([1-9]\d*))?(?:s([1-9]\d*))?")
+_DENSE = re.compile(r"f([1-9]\d*)?")
+_RESHAPE = re.compile(r"r\(([1-9]\d*),([1-9]\d*),([1-9]\d*)\)")
+
+
+def parse(text: str) -> tuple[Spec, ...]:
+    """Parse an architecture string; every token must match exactly or ValueError names it."""
+    if not text:
+        raise ValueError("empty architecture string")
+    specs: list[Spec] = []
+    for token in text.split("-"):
+        if m := _CONV.fullmatch(token):
+            kind = Conv if m[1] == "c" else Deconv
+            specs.append(kind(int(m[2]), int(m[3] or 1), int(m[4] or 1)))
+        elif m := _DENSE.fullmatch(token):
+            specs.append(Dense(int(m[1]) if m[1] else None))
+        elif m := _RESHAPE.fullmatch(token):
+            specs.append(Reshape(int(m[1]), int(m[2]), int(m[3])))
+        elif token == "p":
+            specs.append(Pool())
+        elif token == "u":
+            specs.append(Upsample())
+        else:
+            raise ValueError(f"unknown layer token {token!r} in {text!r}")
+    return tuple(specs)
+
+
+def _format_one(spec: Spec) -> str:
+    if isinstance(spec, (Conv, Deconv)):
+        letter = "c" if isinstance(spec, Conv) else "d"
+        k = f"k{spec.kernel}" if spec.kernel != 1 else ""
+        s = f"s{spec.stride}" if spec.stride != 1 else ""
+        return f"{letter}{spec.channels}{k}{s}"
+    if isinstance(spec, Dense):
+        return "f" if spec.units is None else f"f{spec.units}"
+    if isinstance(spec, Reshape):
+        return f"r({spec.height},{spec.width},{spec.channels})"
+    return "p" if isinstance(spec, Pool) else "u"
+
+
+def format(specs: tuple[Spec, ...]) -> str:  # noqa: A001 - the inverse of parse
+    """The canonical string of a spec tuple; parse(format(s)) == s."""
+    return "-".join(_format_one(s) for s in specs)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown normalization {kind!r}")
+
+
+def _activation(kind: str) -> nn.Module:
+    if kind == "lrelu":
+        return nn.LeakyReLU(0.2)
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "tanh":
+        return nn.Tanh()
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def _layer(spec: Spec, x: torch.Tensor, out_units: int) -> nn.Module:
+    """The bare layer for one spec, sized from the tensor that reaches it."""
+    if isinstance(spec, Conv):
+        # 'same'-style padding for odd kernels; even kernels shrink by k - 1 (Table 1 prints no padding)
+        return nn.Conv2d(x.shape[1], spec.channels, spec.kernel, spec.stride, (spec.kernel - 1) // 2)
+    if isinstance(spec, Deconv):
+        # stride 1 grows by k - 1 (1x1 -> 4x4 for the first k4); stride s scales by exactly s
+        pad = (spec.kernel - spec.stride) // 2 if spec.stride > 1 else 0
+        return nn.ConvTranspose2d(x.shape[1], spec.channels, spec.kernel, spec.stride, pad)
+    if isinstance(spec, Dense):
+        linear = nn.Linear(x[0].numel(), spec.units or out_units)
+        return nn.Sequential(nn.Flatten(), linear) if x.dim() > 2 else linear
+    if isinstance(spec, Pool):
+        return nn.MaxPool2d(3, 2, padding=1)
+    if isinstance(spec, Reshape):
+        return nn.Unflatten(1, (spec.channels, spec.height, spec.width))
+    return nn.Upsample(scale_factor=2, mode="nearest")
+
+
+def build(specs: tuple[Spec, ...], in_shape: tuple[int, ...], out_units: int, *, norm: str,
+          activation: str, final_activation: str) -> tuple[nn.Sequential, tuple[int, ...]]:
+    """Layers for `specs` on inputs of `in_shape` (no batch dim); returns them and the output shape.
+
+    Every conv/deconv/dense layer but the last is followed by its normalization (convolutions only)
+    and `activation`; the last one by `final_activation` alone.
+    """
+    weighted = [i for i, s in enumerate(specs) if isinstance(s, (Conv, Deconv, Dense))]
+    if not weighted:
+        raise ValueError(f"{format(specs)!r} has no weighted layer")
+    layers: list[nn.Module] = []
+    x = torch.zeros(1, *in_shape)
+    with torch.no_grad():
+        for i, spec in enumerate(specs):
+            if isinstance(spec, Reshape) and x[0].numel() != spec.height * spec.width * spec.channels:
+                raise ValueError(f"{_format_one(spec)} cannot reshape {x[0].numel()} values")
+            block = [_layer(spec, x, out_units)]
+            if i == weighted[-1]:
+                block.append(_activation(final_activation))
+            elif isinstance(spec, (Conv, Deconv)):
+                block += [_norm(norm, spec.channels), _activation(activation)]
+            elif isinstance(spec, Dense):
+                block.append(_activation(activation))
+            for layer in block:
+                x = layer.eval()(x)  # eval: the dummy pass must not touch batch-norm statistics
+                layers.append(layer.train())
+    return nn.Sequential(*layers), tuple(x.shape[1:])

@@ -1,0 +1,136 @@
+"""Model presets (paper Table 1 and §3.2) and the training options, as frozen dataclasses.
+
+Table 1's strings are kept verbatim except where they do not produce consistent sizes; every
+such change is marked FIX here and listed in docs/architecture.md.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import RetrievalError
+
+# Table 1 prints one classifier for every dataset: AlexNet with batch norm, no dropout (§3.2).
+ALEXNET_CLS = "c96k8s2-p-c256k5-p-c384k3-c384k3-c256k3-p-f4096-f4096-f"
+DCGAN_DSC = "c64k3s2-c128k3s2-c256k3s2-c512-f"
+# FIX: the printed last layer 'd3k2' (stride 1) turns 32x32 into 33x33; stride 2 gives 64x64.
+DCGAN_DEC = "d512k4-d512k4s2-d256k4s2-d128k4s2-d3k2s2"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the networks; stored in every checkpoint."""
+    name: str
+    image_size: int           # square input side; loaders pad or resize to it
+    encoder: str
+    decoder: str
+    discriminator: str        # unused for BEGAN, whose discriminator is an autoencoder (Table 1)
+    classifier: str = ALEXNET_CLS
+    n_chunks: int = 8         # "We separate it into 8 chunks" (§3.2)
+    chunk_dim: int = 64       # 64 for Sprites and CelebA, 8 for MNIST (§3.2)
+    gan: str = "dcgan"        # "dcgan" or "began"
+    activation: str = "lrelu"  # LeakyReLU(0.2) after each conv (Table 1 caption)
+    lambda_m: float = 1.0     # λ_M = λ_G = λ_C = 1 for MNIST and Sprites (§3.2)
+    lambda_g: float = 1.0
+    lambda_c: float = 1.0
+    began_gamma: float = 0.5  # γ for BEGAN (Table 1 caption)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.n_chunks * self.chunk_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Sprites frames are 60x60; padded to 64 because the decoder's strides produce 64.
+    "sprites": ModelConfig(
+        name="sprites", image_size=64,
+        encoder="c64k3s2-c128k3s2-c256k3s2-c512k2s2-c512k2-f",
+        decoder=DCGAN_DEC, discriminator=DCGAN_DSC),
+    "celeba-dcgan": ModelConfig(
+        name="celeba-dcgan", image_size=64,
+        encoder="c64k3s2-c128k3s2-c256k3s2-c512k3s2-c512k2-f",
+        decoder=DCGAN_DEC, discriminator=DCGAN_DSC, lambda_m=30.0),
+    # Four pools in the encoder and four upsamplings in the decoder: 128x128 images.
+    "celeba-began": ModelConfig(
+        name="celeba-began", image_size=128,
+        encoder="c32k3-c32k3-c32k3-c64-p-c64k3-c64k3-c96-p-c96k3-c96k3-c128-p-c128k3-c128k3-"
+                "c160-c160-p-c160k3-c160k3-f",
+        decoder="f4096-r(8,8,64)-c64k3-c64k3-u-c64k3-c64k3-u-c64k3-c64k3-u-c64k3-c64k3-c64k3-u-"
+                "c64k3-c64k3-c3",
+        discriminator="", gan="began", activation="relu", lambda_m=30.0),
+    # FIX: MNIST's 28x28 is padded to 32x32 (the decoder's strides give 32) and greys are
+    # replicated to RGB, matching the printed 'd3'; the last layer gets stride 2 as above.
+    "mnist": ModelConfig(
+        name="mnist", image_size=32, chunk_dim=8,
+        encoder="c64k3s2-c128k3s2-c256k3s2-f",
+        decoder="d512k4-d256k4s2-d128k4s2-d3k2s2", discriminator=DCGAN_DSC),
+    # Not in the paper: small networks for the built-in shapes data, sized to train on a CPU.
+    "shapes": ModelConfig(
+        name="shapes", image_size=32, chunk_dim=16,
+        encoder="c32k3s2-c64k3s2-c128k3s2-c256k2-f",
+        decoder="d256k4-d128k4s2-d64k4s2-d3k2s2",
+        discriminator="c32k3s2-c64k3s2-c128k3s2-f",
+        classifier="c32k3s2-p-c64k3-p-c128k3-f256-f"),
+    # For tests: seconds per run.
+    "tiny": ModelConfig(
+        name="tiny", image_size=16, chunk_dim=4,
+        encoder="c8k3s2-c16k3s2-f", decoder="d16k4-d8k4s2-d3k2s2",
+        discriminator="c8k3s2-c16k3s2-f", classifier="c8k3s2-p-c16k3-f32-f"),
+}
+
+# Table 2's rows: which losses each variant trains with.
+VARIANTS: dict[str, frozenset[str]] = {
+    "ae": frozenset({"rec"}),
+    "ae+c+g": frozenset({"rec", "c", "g"}),
+    "mix": frozenset({"mix"}),
+    "mix+c": frozenset({"mix", "c"}),
+    "mix+g": frozenset({"mix", "g"}),
+    "mix+c+g": frozenset({"mix", "c", "g"}),
+    "c+g": frozenset({"c", "g"}),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The named preset, or a RetrievalError listing the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise RetrievalError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training options; defaults are the authors' released Sprites settings (DESIGN.md)."""
+    steps: int = 100_000
+    batch_size: int = 64          # pairs per step and process
+    lr: float = 2e-4              # Adam, all three networks
+    beta1: float = 0.5
+    lr_decay: float = 0.9         # staircase: lr x 0.9 every 20k steps
+    lr_decay_every: int = 20_000
+    variant: str = "mix+c+g"
+    mask: str = "per-batch"       # the authors' code draws one mask per batch; the paper's text per sample
+    seed: int = 0
+    bf16: bool = False            # autocast on CUDA only
+    checkpoint_every: int = 1000
+    figure_every: int = 1000
+    log_every: int = 10
+    losses: tuple[str, ...] = field(default=())  # filled from `variant`
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise RetrievalError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.mask not in ("per-batch", "per-sample"):
+            raise RetrievalError(f"unknown mask mode {self.mask!r}; choose per-batch or per-sample")
+        if self.steps < 0 or self.batch_size < 1:
+            raise RetrievalError("--steps must be >= 0 and --batch-size >= 1")
+        object.__setattr__(self, "losses", tuple(sorted(VARIANTS[self.variant])))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,119 @@
+"""The networks of paper §3.1: encoder, decoder, discriminator, chunk classifier, and the
+mixing/unmixing cycle (Figure 1).
+
+Normalisation follows the authors' released code: instance norm in the encoder and decoder,
+batch norm in the discriminator and classifier.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import architecture
+from .config import ModelConfig
+
+
+class Encoder(nn.Module):
+    """Image (B, 3, H, W) -> feature (B, n_chunks, chunk_dim)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_chunks, self.chunk_dim = cfg.n_chunks, cfg.chunk_dim
+        # the authors add a LeakyReLU after the encoder's last linear layer
+        self.net, out = architecture.build(
+            architecture.parse(cfg.encoder), (3, cfg.image_size, cfg.image_size), cfg.feature_dim,
+            norm="instance", activation=cfg.activation, final_activation="lrelu")
+        if out != (cfg.feature_dim,):
+            raise ValueError(f"{cfg.name}: encoder gives {out}, expected ({cfg.feature_dim},)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(-1, self.n_chunks, self.chunk_dim)  # (B, chunks, dim)
+
+
+class Decoder(nn.Module):
+    """Feature (B, n_chunks, chunk_dim) -> image (B, 3, H, W) in [-1, 1]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        specs = architecture.parse(cfg.decoder)
+        # a decoder that opens with a deconvolution reads the feature as a 1x1 map (DCGAN style)
+        self.as_map = isinstance(specs[0], architecture.Deconv)
+        in_shape = (cfg.feature_dim, 1, 1) if self.as_map else (cfg.feature_dim,)
+        self.net, out = architecture.build(specs, in_shape, 3, norm="instance",
+                                           activation=cfg.activation, final_activation="tanh")
+        expected = (3, cfg.image_size, cfg.image_size)
+        if out != expected:
+            raise ValueError(f"{cfg.name}: decoder gives {out}, expected {expected}")
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        f = f.flatten(1)  # (B, chunks * dim)
+        return self.net(f[:, :, None, None] if self.as_map else f)
+
+
+class Discriminator(nn.Module):
+    """DCGAN: image -> one real/fake logit. BEGAN: image -> its reconstruction (an autoencoder)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.began = cfg.gan == "began"
+        if self.began:
+            self.net = nn.Sequential(Encoder(cfg), Decoder(cfg))
+        else:
+            self.net, _ = architecture.build(
+                architecture.parse(cfg.discriminator), (3, cfg.image_size, cfg.image_size), 1,
+                norm="batch", activation=cfg.activation, final_activation="none")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) if self.began else self.net(x).squeeze(1)
+
+
+class ChunkClassifier(nn.Module):
+    """(x1, x2, x3) stacked on channels -> one logit per chunk: was chunk i taken from x1?"""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.net, _ = architecture.build(
+            architecture.parse(cfg.classifier), (9, cfg.image_size, cfg.image_size), cfg.n_chunks,
+            norm="batch", activation=cfg.activation, final_activation="none")
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x1, x2, x3], dim=1))  # (B, chunks) logits
+
+
+def mix(f1: torch.Tensor, f2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """m ⊙ f1 + (1 − m) ⊙ f2 chunk-wise; mask (chunks,) or (B, chunks), True = take from f1."""
+    return torch.where(mask.bool()[..., None], f1, f2)  # mask broadcast over (B, chunks, dim)
+
+
+class MixingAutoencoder(nn.Module):
+    """Encoder, decoder and (when the variant uses it) the chunk classifier: the side that
+    minimises every loss. One forward runs a whole step's cycle so DDP sees one call per step."""
+
+    def __init__(self, cfg: ModelConfig, losses: tuple[str, ...] = ("mix", "c", "g")):
+        super().__init__()
+        self.losses = frozenset(losses)
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.classifier = ChunkClassifier(cfg) if "c" in self.losses else None
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if self.losses == {"rec"}:  # the plain autoencoder needs no second image
+            out["rec"] = self.decoder(self.encoder(x1))
+            return out
+        f1, f2 = self.encoder(torch.cat([x1, x2])).chunk(2)  # (B, chunks, dim) each
+        if "rec" in self.losses:
+            out["rec"] = self.decoder(f1)
+        x3 = self.decoder(mix(f1, f2, mask))  # the mixed image
+        out["x3"] = x3
+        if "mix" in self.losses:
+            f3 = self.encoder(x3)
+            out["x4"] = self.decoder(mix(f3, f1, mask))  # unmixed: should give x1 back
+        if self.classifier is not None:
+            out["cls"] = self.classifier(x1, x2, x3)
+        return out
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        return self.decoder(f)

@@ -1,0 +1,131 @@
+"""The `retrieval` command. This module only parses options and dispatches to library functions;
+expected failures (RetrievalError) become one-line messages and a non-zero exit."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from disentangle.errors import RetrievalError
+
+# the preset a dataset format trains with unless --preset says otherwise
+DEFAULT_PRESET = {"sprites": "sprites", "mnist": "mnist", "celeba": "celeba-dcgan",
+                  "folder": "celeba-dcgan", "shapes": "shapes"}
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RetrievalError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """Search an image collection by one visual attribute at a time."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def parse_chunks(text: str | None, n_chunks: int) -> list[int] | None:
+    """'2,4' -> [2, 4]; None stays None (all chunks)."""
+    if text is None:
+        return None
+    try:
+        chunks = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise RetrievalError(f"--chunks {text!r}: give chunk numbers separated by commas, e.g. 2,4") from None
+    if not chunks or any(not 0 <= c < n_chunks for c in chunks):
+        raise RetrievalError(f"--chunks {text!r}: chunks are numbered 0..{n_chunks - 1}")
+    return chunks
+
+
+def _open_data(data: str, size: int, fmt: str | None, skip_bad: bool, split: str | None = None):
+    from disentangle.data import open_dataset
+
+    ds = open_dataset(data, size=size, format=fmt, split=split, skip_bad=skip_bad, progress=True)
+    if ds.skipped:
+        click.echo(f"skipped {ds.skipped} unreadable image(s) (--skip-bad)", err=True)
+    return ds
+
+
+@main.command()
+@click.argument("data")
+@click.option("--preset", help="Network preset (default: by data format; sprites, mnist, "
+                               "celeba-dcgan, celeba-began, shapes, tiny).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--steps", type=int, default=100_000, show_default=True, help="Total steps to reach.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Pairs per step (per process).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--variant", default="mix+c+g", show_default=True,
+              help="Table 2 row: ae, ae+c+g, mix, mix+c, mix+g, mix+c+g, c+g.")
+@click.option("--mask", type=click.Choice(["per-batch", "per-sample"]), default="per-batch", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out up to --steps.")
+@click.option("--format", "fmt", help="Dataset format, when detection is not wanted.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images instead of stopping.")
+@click.option("--bf16", is_flag=True, help="bf16 autocast (CUDA only).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--workers", type=int, default=None, help="Data loader processes (default: 2 for files on disk).")
+@click.option("--checkpoint-every", type=int, default=1000, show_default=True)
+@click.option("--figure-every", type=int, default=1000, show_default=True)
+def train(data, preset, out, steps, batch_size, device, variant, mask, resume, fmt, skip_bad, bf16,
+          seed, lr, workers, checkpoint_every, figure_every):
+    """Train the mixing autoencoder on DATA (a folder, or shapes[:N])."""
+    from disentangle import checkpoint
+    from disentangle.config import TrainConfig, preset as get_preset
+    from disentangle.data import detect_format
+    from disentangle.train import train as run_training
+
+    if resume and preset is None:
+        preset = checkpoint.load(Path(out) / "checkpoint.pt")["model_config"]["name"]
+    if fmt is None:
+        fmt = "shapes" if data.split(":")[0] == "shapes" else detect_format(data)
+    cfg = get_preset(preset or DEFAULT_PRESET[fmt])
+    tc = TrainConfig(steps=steps, batch_size=batch_size, variant=variant, mask=mask, seed=seed,
+                     bf16=bf16, lr=lr, checkpoint_every=checkpoint_every, figure_every=figure_every)
+    ds = _open_data(data, cfg.image_size, fmt, skip_bad)
+    if workers is None:
+        workers = 2 if fmt in ("celeba", "folder") else 0
+    click.echo(f"training {cfg.name} ({tc.variant}) on {len(ds)} {fmt} images -> {out}", err=True)
+    run_training(ds, cfg, tc, out, device=device, resume=resume, workers=workers, progress=True,
+                 data_info={"spec": str(data), "format": fmt})
+    click.echo(f"checkpoint: {Path(out) / 'checkpoint.pt'}")
+
+
+@main.command()
+@click.argument("checkpoint_path", metavar="CHECKPOINT", type=click.Path(dir_okay=False))
+@click.argument("data")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--chunks", help="Only these chunks' panels, e.g. 2,4 (default: all).")
+@click.option("--split", help="Take the images from this split (default: val if present).")
+@click.option("-n", "count", type=int, default=6, show_default=True, help="Images per row and column.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Which images to show.")
+@click.option("--format", "fmt", help="Dataset format, when detection is not wanted.")
+def transfer(checkpoint_path, data, out, chunks, split, count, seed, fmt):
+    """Render the paper's Figure 5 grids: each chunk moved from the top row into the left column."""
+    import torch
+
+    from disentangle import checkpoint, figures
+
+    model, cfg, _ = checkpoint.load_model(checkpoint_path)
+    ds = _open_data(data, cfg.image_size, fmt, skip_bad=True)
+    pool = list(range(len(ds)))
+    wanted = split or ("val" if any(r.split == "val" for r in ds.records) else None)
+    if wanted:
+        pool = [i for i, r in enumerate(ds.records) if r.split == wanted]
+    if len(pool) < 2 * count:
+        raise RetrievalError(f"{data} has {len(pool)} images in that split; need {2 * count} (lower -n)")
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:2 * count]
+    images = torch.stack([ds[pool[int(i)]] for i in pick])
+    sheet = figures.transfer_figure(model, images[:count], images[count:],
+                                    parse_chunks(chunks, cfg.n_chunks))
+    figures.save_png(sheet, out)
+    click.echo(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Attribute-based image retrieval by disentangled feature chunks (Hu et al., CVPR 2018)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="chunk-retrieval",
+    version="0.1.0",
+    description="Search an unlabelled image collection by one visual attribute at a time.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["disentangle*", "indexer*", "retrieval*", "api*"]),
+    include_package_data=True,
+    install_requires=[
+        # torch 2.14.1 / torchvision 0.29.1 lie on the build machines' disk; keep them admitted.
+        "torch>=2.3,<=2.14.1",
+        "torchvision>=0.18,<=0.29.1",
+        "numpy>=1.24",
+        "pillow>=10.0",
+        "h5py>=3.8",
+        "scipy>=1.10",
+        "click>=8.1",
+        "tqdm>=4.65",
+        "faiss-cpu>=1.11",
+        "sqlalchemy>=2.0",
+        "flask>=3.0",
+        "waitress>=3.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis>=6.100"],
+    },
+    entry_points={"console_scripts": ["retrieval=retrieval.cli:main"]},
+)

@@ -1,0 +1,65 @@
+"""Table 1 strings: strict parsing, the format inverse, and every preset's sizes."""
+import pytest
+import torch
+
+from disentangle import architecture as arch
+from disentangle.config import PRESETS
+from disentangle.model import ChunkClassifier, Decoder, Discriminator, Encoder
+
+ALL_STRINGS = sorted({s for cfg in PRESETS.values()
+                      for s in (cfg.encoder, cfg.decoder, cfg.discriminator, cfg.classifier) if s})
+
+
+@pytest.mark.parametrize("text", ALL_STRINGS)
+def test_parse_format_round_trip(text):
+    specs = arch.parse(text)
+    assert arch.format(specs) == text
+    assert arch.parse(arch.format(specs)) == specs
+
+
+def test_parse_reads_each_field():
+    assert arch.parse("c64k3s2-d3k2s2-c512-f4096-f-p-u-r(8,8,64)") == (
+        arch.Conv(64, 3, 2), arch.Deconv(3, 2, 2), arch.Conv(512, 1, 1), arch.Dense(4096),
+        arch.Dense(None), arch.Pool(), arch.Upsample(), arch.Reshape(8, 8, 64))
+
+
+@pytest.mark.parametrize("bad", ["c64k3s2-x3", "c64K3", "c64k3s2s2", "c0", "f0", "r(8,8)", "c64-",
+                                 "", "c64 k3", "pp", "c64k03"])
+def test_parse_rejects_bad_tokens(bad):
+    with pytest.raises(ValueError) as e:
+        arch.parse(bad)
+    assert "token" in str(e.value) or "empty" in str(e.value)
+
+
+def test_unknown_token_is_named():
+    with pytest.raises(ValueError, match="'q7'"):
+        arch.parse("c64k3s2-q7-f")
+
+
+def test_reshape_size_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="reshape"):
+        arch.build(arch.parse("f100-r(8,8,64)"), (10,), 3, norm="none", activation="relu",
+                   final_activation="none")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_maps_image_to_chunks_and_back(name):
+    cfg = PRESETS[name]
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    enc, dec = Encoder(cfg), Decoder(cfg)
+    f = enc(x)
+    assert f.shape == (2, cfg.n_chunks, cfg.chunk_dim)
+    y = dec(f)
+    assert y.shape == x.shape
+    assert y.abs().max() <= 1  # tanh output, like the [-1, 1] inputs
+    assert ChunkClassifier(cfg)(x, x, y).shape == (2, cfg.n_chunks)
+    d = Discriminator(cfg)(x)
+    assert d.shape == ((2,) if cfg.gan == "dcgan" else x.shape)
+
+
+def test_dummy_pass_leaves_batch_norm_untouched():
+    disc = Discriminator(PRESETS["tiny"])
+    bn = [m for m in disc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and all(int(m.num_batches_tracked) == 0 for m in bn)
+    assert all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in bn)

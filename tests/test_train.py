@@ -1,0 +1,180 @@
+"""The training loop: it learns, resumes exactly, stops on NaN, survives kill -9, runs as DDP."""
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from disentangle import checkpoint
+from disentangle.config import PRESETS, TrainConfig
+from disentangle.errors import RetrievalError
+from disentangle.train import train
+
+TINY = PRESETS["tiny"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Squares(torch.utils.data.Dataset):
+    """16x16 images with two factors: background grey level and the position of a bright square."""
+
+    def __init__(self, n: int = 256, nan: bool = False):
+        g = torch.Generator().manual_seed(0)
+        grey = torch.randint(0, 4, (n,), generator=g).float() / 3
+        pos = torch.randint(0, 10, (n, 2), generator=g)
+        self.x = grey[:, None, None, None].expand(n, 3, 16, 16).clone() * 0.8 - 0.9
+        for i, (r, c) in enumerate(pos.tolist()):
+            self.x[i, :, r:r + 6, c:c + 6] = 0.9
+        if nan:
+            self.x[:] = float("nan")
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(steps=6, batch_size=8, log_every=1, checkpoint_every=1000, figure_every=1000)
+    return TrainConfig(**{**base, **kw})
+
+
+def _rows(run: Path) -> list[dict]:
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_lowers_the_mixing_loss(tmp_path):
+    train(Squares(), TINY, _config(steps=150, batch_size=16, lr=2e-3, variant="mix"), tmp_path)
+    loss = [float(r["loss_mix"]) for r in _rows(tmp_path)]
+    assert len(loss) == 150
+    first, last = sum(loss[:10]) / 10, sum(loss[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+
+
+def test_run_folder_holds_checkpoint_metrics_and_figure(tmp_path):
+    train(Squares(), TINY, _config(figure_every=3), tmp_path)
+    ckpt = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 6 and ckpt["model_config"]["name"] == "tiny"
+    assert [int(r["step"]) for r in _rows(tmp_path)] == list(range(1, 7))
+    assert (tmp_path / "transfer.png").stat().st_size > 0
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "transfer_0000003.png", "transfer_0000006.png"]
+    model, cfg, _ = checkpoint.load_model(tmp_path / "checkpoint.pt")
+    assert cfg == TINY and not model.training
+
+
+def _all_state(run: Path) -> dict:
+    ckpt = checkpoint.load(run / "checkpoint.pt")
+    return {"models": ckpt["models"], "optimizers": ckpt["optimizers"], "step": ckpt["step"]}
+
+
+def _assert_same(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("variant,mask", [("mix+c+g", "per-sample"), ("ae+c+g", "per-batch")])
+def test_resume_equals_an_uninterrupted_run(tmp_path, variant, mask):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    cfg = _config(variant=variant, mask=mask)
+    train(Squares(), TINY, cfg, whole)
+    train(Squares(), TINY, replace(cfg, steps=3), split)
+    train(Squares(), TINY, cfg, split, resume=True)
+    _assert_same(_all_state(whole), _all_state(split))
+    assert [r["loss_total"] for r in _rows(whole)] == [r["loss_total"] for r in _rows(split)]
+
+
+def test_resume_of_began_carries_k(tmp_path):
+    cfg = replace(TINY, gan="began", name="tiny")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(Squares(), cfg, _config(), whole)
+    train(Squares(), cfg, _config(steps=2), split)
+    train(Squares(), cfg, _config(), split, resume=True)
+    _assert_same(_all_state(whole), _all_state(split))
+    assert checkpoint.load(whole / "checkpoint.pt")["began_k"] > 0
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    train(Squares(), TINY, _config(steps=2), tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(RetrievalError, match="--resume"):
+        train(Squares(), TINY, _config(steps=2), tmp_path)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_with_another_preset_is_refused(tmp_path):
+    train(Squares(), TINY, _config(steps=1), tmp_path)
+    with pytest.raises(RetrievalError, match="same --preset"):
+        train(Squares(), replace(TINY, chunk_dim=2), _config(steps=2), tmp_path, resume=True)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    train(Squares(), TINY, _config(steps=4, checkpoint_every=2), tmp_path)
+    good = _all_state(tmp_path)
+    with pytest.raises(RetrievalError, match="nan.*step 4.*last good"):
+        train(Squares(nan=True), TINY, _config(steps=8, checkpoint_every=1), tmp_path, resume=True)
+    _assert_same(good, _all_state(tmp_path))
+
+
+def test_kill_9_leaves_a_loadable_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "retrieval", "train", "shapes:256", "--preset", "tiny", "--out", str(run),
+           "--steps", "100000", "--batch-size", "4", "--checkpoint-every", "1", "--figure-every", "100000"]
+    steps = []
+    for delay in (0.3, 0.7, 1.1):
+        proc = subprocess.Popen(cmd + (["--resume"] if steps else []), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(delay)  # checkpoints are written every step: the kill lands mid-write sometimes
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        steps.append(checkpoint.load(run / "checkpoint.pt")["step"])
+    assert steps == sorted(steps) and steps[-1] > 0, steps
+    leftovers = [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    model, cfg, _ = checkpoint.load_model(run / "checkpoint.pt")
+    assert cfg.name == "tiny", leftovers
+
+
+def _ddp_worker(rank: int, port: int, out: str, result: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    model = train(Squares(), TINY, _config(steps=4, variant="mix+c+g"), out, device="cpu")
+    torch.save(dict(model.named_parameters()), f"{result}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_with_two_gloo_processes_keeps_ranks_in_step(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
+    w0, w1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    # each rank saw different pairs: equal parameters mean the gradients were averaged
+    # (batch-norm statistics are rank-local by design, see disentangle.train._ddp)
+    _assert_same(w0, w1)
+    ckpt = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 4
+    saved = dict(checkpoint.load_model(tmp_path / "run" / "checkpoint.pt")[0].named_parameters())
+    _assert_same({k: v.detach() for k, v in saved.items()}, w0)
