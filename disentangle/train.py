@@ -9,31 +9,27 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 import os
 import time
-import warnings
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
-from . import checkpoint, figures, losses
+from . import checkpoint, figures
 from .config import ModelConfig, TrainConfig
 from .errors import RetrievalError
-from .model import Discriminator, MixingAutoencoder
+from .model import MixingAutoencoder
+from .step import MixingTrainer
 
 log = logging.getLogger(__name__)
 
 METRICS = ["step", "loss_total", "loss_mix", "loss_rec", "loss_c", "loss_g", "loss_d", "began_k",
            "lr", "pairs_per_s", "elapsed_s"]
-FIGURE_IMAGES = 6  # bases and donors per transfer panel
+FIGURE_IMAGES = 6
 
 
 def step_generator(seed: int, rank: int, step: int, stream: int) -> torch.Generator:
@@ -62,17 +58,6 @@ def draw_mask(tc: TrainConfig, n_chunks: int, rank: int, step: int) -> torch.Ten
     return torch.randint(0, 2, shape, generator=step_generator(tc.seed, rank, step, 1)).bool()
 
 
-class Critic(nn.Module):
-    """The discriminator scoring real and mixed images in one call (one DDP forward per step)."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.dsc = Discriminator(cfg)
-
-    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.dsc(real), self.dsc(fake)
-
-
 def _distributed(device: str) -> tuple[int, int, torch.device]:
     """Join the torchrun process group when there is one; returns (rank, world size, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -88,14 +73,6 @@ def _distributed(device: str) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device(device)
-
-
-def _ddp(module: nn.Module) -> DDP:
-    """DDP without buffer broadcasts: the networks run several times per step, so batch-norm
-    statistics stay rank-local (parameters are still averaged every step)."""
-    with warnings.catch_warnings():  # torch >= 2.14 renames the option; the old one still works
-        warnings.simplefilter("ignore", FutureWarning)
-        return DDP(module, broadcast_buffers=False)
 
 
 def _training_subset(ds: Dataset) -> Dataset:
@@ -149,40 +126,24 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
         raise RetrievalError(f"{out} already holds a checkpoint; pass --resume to continue it "
                              "or choose another --out")
 
-    torch.manual_seed(tc.seed)  # same initial weights on every rank
-    ae = MixingAutoencoder(cfg, tc.losses).to(dev)
-    critic = Critic(cfg).to(dev) if "g" in tc.losses else None
-    betas = (tc.beta1, 0.999)
-    opt_ae = torch.optim.Adam(ae.parameters(), lr=tc.lr, betas=betas)
-    opt_d = torch.optim.Adam(critic.parameters(), lr=tc.lr, betas=betas) if critic else None
-    began_k = 0.0
+    trainer = MixingTrainer(cfg, tc, dev, distributed=world > 1)
     if ckpt is not None:
-        ae.load_state_dict(ckpt["models"]["autoencoder"])
-        opt_ae.load_state_dict(ckpt["optimizers"]["autoencoder"])
-        if critic:
-            critic.dsc.load_state_dict(ckpt["models"]["discriminator"])
-            opt_d.load_state_dict(ckpt["optimizers"]["discriminator"])
-        began_k = ckpt["began_k"]
-    ae_step = _ddp(ae) if world > 1 else ae
-    critic_step = _ddp(critic) if world > 1 and critic else critic
+        trainer.load_state_dict(ckpt)
 
     train_set = _training_subset(dataset)
     if len(train_set) < 2:
         raise RetrievalError("training needs at least 2 images")
+    shown = min(FIGURE_IMAGES, len(train_set) // 2)  # bases and donors per transfer panel
     figure_idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(tc.seed))
-    figure_batch = torch.stack([train_set[int(i)] for i in figure_idx[:2 * FIGURE_IMAGES]]).to(dev)
+    figure_batch = torch.stack([train_set[int(i)] for i in figure_idx[:2 * shown]]).to(dev)
     meta = {"data": data_info or {}, "world_size": world}
 
     def state(step: int) -> dict:
         return {"format": checkpoint.FORMAT_VERSION, "step": step, "model_config": cfg.to_dict(),
-                "train_config": tc.to_dict(), "began_k": began_k, **meta,
-                "models": {"autoencoder": ae.state_dict(),
-                           "discriminator": critic.dsc.state_dict() if critic else None},
-                "optimizers": {"autoencoder": opt_ae.state_dict(),
-                               "discriminator": opt_d.state_dict() if opt_d else None}}
+                "train_config": tc.to_dict(), **meta, **trainer.state_dict()}
 
     def save_figure(step: int) -> None:
-        sheet = figures.transfer_figure(ae, figure_batch[:FIGURE_IMAGES], figure_batch[FIGURE_IMAGES:])
+        sheet = figures.transfer_figure(trainer.ae, figure_batch[:shown], figure_batch[shown:])
         figures.save_png(sheet, out / "figures" / f"transfer_{step:07d}.png")
         figures.save_png(sheet, out / "transfer.png")
 
@@ -198,67 +159,21 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
                                                              rank, start, tc.steps),
                         num_workers=workers, pin_memory=dev.type == "cuda",
                         persistent_workers=False)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if tc.bf16 and dev.type == "cuda"
-                else nullcontext())
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main), unit="step",
                dynamic_ncols=True)
     t0 = t_last = time.perf_counter()
     last_step = start
-    step = start
     try:
         for step, batch in enumerate(loader, start=start):
             x1, x2 = batch.to(dev, non_blocking=True).chunk(2)
             mask = draw_mask(tc, cfg.n_chunks, rank, step).to(dev)
             lr = tc.lr * tc.lr_decay ** (step // tc.lr_decay_every)  # staircase decay
-            for opt in (opt_ae, opt_d):
-                for group in (opt.param_groups if opt else ()):
-                    group["lr"] = lr
-
-            # phase 1: encoder, decoder, classifier minimise λ_M L_M + λ_G L_G + λ_C L_C
-            values: dict[str, torch.Tensor] = {}
-            with autocast:
-                o = ae_step(x1, x2, mask)
-                if "x4" in o:
-                    values["loss_mix"] = losses.mixing_loss(o["x4"].float(), x1)
-                if "rec" in o:
-                    values["loss_rec"] = losses.mixing_loss(o["rec"].float(), x1)
-                if "cls" in o:
-                    values["loss_c"] = losses.classifier_loss(o["cls"].float(), mask)
-                if critic:
-                    critic.requires_grad_(False)  # the generator side must not step the critic
-                    if cfg.gan == "began":
-                        values["loss_g"] = losses.began_energy(o["x3"].float(), critic.dsc(o["x3"]).float())
-                    else:
-                        values["loss_g"] = losses.dcgan_generator_loss(critic.dsc(o["x3"]).float())
-                    critic.requires_grad_(True)
-            total = (cfg.lambda_m * (values.get("loss_mix", 0) + values.get("loss_rec", 0))
-                     + cfg.lambda_g * values.get("loss_g", 0) + cfg.lambda_c * values.get("loss_c", 0))
-            values["loss_total"] = total
-            if not math.isfinite(total.item()):
-                raise RetrievalError(f"the loss became {total.item()} at step {step}; training stopped and "
-                                     f"{ckpt_path} keeps the last good weights (lower the learning rate, "
-                                     "or use --variant/--preset settings that are stable)")
-            opt_ae.zero_grad(set_to_none=True)
-            total.backward()
-            opt_ae.step()
-
-            # phase 2: the discriminator tells real x1 from mixed x3
-            if critic:
-                fake = o["x3"].detach()
-                with autocast:
-                    real_out, fake_out = critic_step(x1, fake)
-                    if cfg.gan == "began":
-                        e_real = losses.began_energy(x1, real_out.float())
-                        e_fake = losses.began_energy(fake, fake_out.float())
-                        loss_d = losses.began_discriminator_loss(e_real, e_fake, began_k)
-                    else:
-                        loss_d = losses.dcgan_discriminator_loss(real_out.float(), fake_out.float())
-                opt_d.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_d.step()
-                values["loss_d"] = loss_d
-                if cfg.gan == "began":
-                    began_k = losses.began_k_update(began_k, e_real.item(), e_fake.item(), cfg.began_gamma)
+            trainer.set_lr(lr)
+            try:
+                values = trainer.step(x1, x2, mask)
+            except RetrievalError as e:
+                raise RetrievalError(f"{e} at step {step}; training stopped and {ckpt_path} keeps the "
+                                     "last good weights (try a lower --lr)") from None
 
             done = step + 1
             bar.update(1)
@@ -268,7 +183,7 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
                 t_last, last_step = now, done
                 row = {k: f"{v.item():.5f}" for k, v in values.items()}
                 if is_main:
-                    metrics.write({**row, "step": done, "lr": f"{lr:.3g}", "began_k": f"{began_k:.4f}",
+                    metrics.write({**row, "step": done, "lr": f"{lr:.3g}", "began_k": f"{trainer.began_k:.4f}",
                                    "pairs_per_s": f"{rate:.1f}", "elapsed_s": f"{now - t0:.1f}"})
                 bar.set_postfix({k.removeprefix("loss_"): v for k, v in row.items()} | {"pairs/s": f"{rate:.0f}"})
             if is_main and (done % tc.checkpoint_every == 0 or done == tc.steps):
@@ -281,4 +196,4 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
         bar.close()
         if metrics:
             metrics.close()
-    return ae
+    return trainer.ae

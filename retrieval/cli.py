@@ -127,5 +127,34 @@ def transfer(checkpoint_path, data, out, chunks, split, count, seed, fmt):
     click.echo(out)
 
 
+@main.command()
+@click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False))
+@click.option("--images", type=int, default=20_000, show_default=True, help="Built-in shapes to generate.")
+@click.option("--steps", type=int, default=3000, show_default=True)
+@click.option("--fresh", is_flag=True, help="Start over instead of reusing --out.")
+def demo(out, images, steps, fresh):
+    """Train on the built-in shapes data (CPU is enough) and draw what each chunk carries."""
+    import shutil
+
+    from disentangle import checkpoint
+    from disentangle.config import TrainConfig, preset as get_preset
+    from disentangle.train import train as run_training
+
+    run = Path(out) / "run"
+    if fresh and Path(out).exists():
+        shutil.rmtree(out)
+    cfg = get_preset("shapes")
+    ds = _open_data(f"shapes:{images}", cfg.image_size, "shapes", skip_bad=False)
+    resume = (run / "checkpoint.pt").exists()
+    if resume and checkpoint.load(run / "checkpoint.pt")["step"] >= steps:
+        click.echo(f"reusing {run} (pass --fresh to retrain)", err=True)
+    else:
+        click.echo(f"training the shapes preset on {len(ds)} generated images for {steps} steps", err=True)
+        run_training(ds, cfg, TrainConfig(steps=steps, batch_size=32, checkpoint_every=500,
+                                          figure_every=500), run, device="auto", resume=resume,
+                     progress=True, data_info={"spec": f"shapes:{images}", "format": "shapes"})
+    click.echo(f"attribute transfer (one panel per chunk): {run / 'transfer.png'}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,138 @@
+"""`retrieval train` / `transfer` / `demo` end to end, on real and generated data, and their
+one-line errors for bad input."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from disentangle import checkpoint
+from retrieval.cli import main
+
+SHARED = Path(os.environ.get("RETRIEVAL_SHARED_DATA",
+                             Path(__file__).resolve().parents[2] / "shared" / "data"))
+FAST = ["--preset", "tiny", "--batch-size", "4", "--figure-every", "2"]
+
+
+def run(*args) -> "click.testing.Result":
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def ok(*args):
+    result = run(*args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def fails(*args, match: str):
+    result = run(*args)
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and match in lines[0], result.output
+    return lines[0]
+
+
+def _train_and_resume(data, out, *extra):
+    ok("train", data, "--out", out, "--steps", 2, *FAST, *extra)
+    ckpt = checkpoint.load(Path(out) / "checkpoint.pt")
+    assert ckpt["step"] == 2
+    ok("train", data, "--out", out, "--steps", 4, "--resume", *extra)
+    assert checkpoint.load(Path(out) / "checkpoint.pt")["step"] == 4
+    rows = (Path(out) / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["2", "4"]  # logged every 10 steps and at the end
+    assert Image.open(Path(out) / "transfer.png").size[0] > 0
+    return ckpt
+
+
+def test_train_on_shapes(tmp_path):
+    ckpt = _train_and_resume("shapes:200", tmp_path / "run")
+    assert ckpt["data"] == {"spec": "shapes:200", "format": "shapes"}
+
+
+def test_train_on_the_real_sprites(tmp_path):
+    ckpt = _train_and_resume(SHARED / "sprites", tmp_path / "run")
+    assert ckpt["data"]["format"] == "sprites"
+
+
+def test_train_on_the_real_mnist(tmp_path):
+    ckpt = _train_and_resume(SHARED / "mnist", tmp_path / "run")
+    assert ckpt["data"]["format"] == "mnist"
+
+
+def _celeba(root: Path, n: int = 12) -> Path:
+    (root / "img_align_celeba").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"{i + 1:06d}.jpg" for i in range(n)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (218, 178, 3), dtype=np.uint8)).save(
+            root / "img_align_celeba" / name)
+    (root / "list_attr_celeba.txt").write_text(
+        f"{n}\nMale Smiling \n" + "".join(f"{name}  {1 if i % 2 else -1} -1 \n" for i, name in enumerate(names)))
+    (root / "list_eval_partition.txt").write_text("".join(f"{name} {i % 3}\n" for i, name in enumerate(names)))
+    return root
+
+
+def test_train_on_a_celeba_layout_folder(tmp_path):
+    data = _celeba(tmp_path / "celeba")
+    ckpt = _train_and_resume(data, tmp_path / "run")
+    assert ckpt["data"]["format"] == "celeba"
+
+
+def test_transfer_renders_one_panel_per_chunk(tmp_path):
+    ok("train", "shapes:200", "--out", tmp_path / "run", "--steps", 1, *FAST)
+    ok("transfer", tmp_path / "run" / "checkpoint.pt", "shapes:200", "--out", tmp_path / "all.png", "-n", 3)
+    ok("transfer", tmp_path / "run" / "checkpoint.pt", "shapes:200", "--out", tmp_path / "one.png",
+       "-n", 3, "--chunks", "2")
+    full, one = Image.open(tmp_path / "all.png"), Image.open(tmp_path / "one.png")
+    assert full.size[0] > 3 * one.size[0] and full.size[1] > one.size[1]  # 4 x 2 panels vs 1
+    fails("transfer", tmp_path / "run" / "checkpoint.pt", "shapes:200", "--out", tmp_path / "x.png",
+          "--chunks", "9", match="0..7")
+
+
+def test_demo_trains_then_reuses(tmp_path):
+    out = tmp_path / "demo"
+    first = ok("demo", "--out", out, "--images", 200, "--steps", 2)
+    assert (out / "run" / "transfer.png").exists()
+    second = ok("demo", "--out", out, "--images", 200, "--steps", 2)
+    assert "reusing" in second.output and "reusing" not in first.output
+
+
+def test_missing_folder(tmp_path):
+    fails("train", tmp_path / "nope", "--out", tmp_path / "run", match="does not exist")
+
+
+def test_unrecognised_layout(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("hello")
+    fails("train", tmp_path / "data", "--out", tmp_path / "run", match="looked for")
+
+
+def test_truncated_image_is_named_and_skippable(tmp_path):
+    data = _celeba(tmp_path / "celeba")
+    bad = data / "img_align_celeba" / "000003.jpg"
+    bad.write_bytes(bad.read_bytes()[:500])
+    fails("train", data, "--out", tmp_path / "run", *FAST, match="000003.jpg")
+    result = ok("train", data, "--out", tmp_path / "run", "--steps", 1, *FAST, "--skip-bad")
+    assert "skipped 1" in result.output
+
+
+def test_label_rows_without_images(tmp_path):
+    data = _celeba(tmp_path / "celeba")
+    (data / "img_align_celeba" / "000005.jpg").unlink()
+    fails("train", data, "--out", tmp_path / "run", *FAST, match="000005.jpg")
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ("--preset", "huge", "unknown preset"), ("--variant", "mix+x", "unknown variant"),
+    ("--format", "tiff", "unknown format"), ("--steps", "-1", "--steps")])
+def test_bad_options(tmp_path, option, value, match):
+    args = ["train", "shapes:50", "--out", tmp_path / "run", *FAST, option, value]
+    fails(*args, match=match)
+
+
+def test_resume_without_a_run(tmp_path):
+    fails("train", "shapes:50", "--out", tmp_path / "run", "--resume", match="no checkpoint")
