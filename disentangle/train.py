@@ -151,6 +151,8 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
     metrics = None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for torn in out.glob(f".{ckpt_path.name}.*.tmp"):  # left by a process killed mid-write
+            torn.unlink()
         if ckpt is None:
             checkpoint.save_atomic(state(0), ckpt_path)  # a loadable file exists from the start
         metrics = _Metrics(out / "metrics.csv", start)

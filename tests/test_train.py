@@ -139,21 +139,28 @@ def test_kill_9_leaves_a_loadable_checkpoint(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "retrieval", "train", "shapes:256", "--preset", "tiny", "--out", str(run),
            "--steps", "100000", "--batch-size", "4", "--checkpoint-every", "1", "--figure-every", "100000"]
-    steps = []
-    for delay in (0.3, 0.7, 1.1):
-        proc = subprocess.Popen(cmd + (["--resume"] if steps else []), cwd=REPO,
+    steps = [0]
+    for delay in (0.05, 0.2, 0.45):
+        proc = subprocess.Popen(cmd + (["--resume"] if len(steps) > 1 else []), cwd=REPO,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+        while time.time() < deadline:  # wait until this process has written a newer checkpoint
+            path = run / "checkpoint.pt"
+            if path.exists() and checkpoint.load(path)["step"] > steps[-1]:
+                break
             time.sleep(0.05)
         time.sleep(delay)  # checkpoints are written every step: the kill lands mid-write sometimes
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         steps.append(checkpoint.load(run / "checkpoint.pt")["step"])
-    assert steps == sorted(steps) and steps[-1] > 0, steps
-    leftovers = [p.name for p in run.iterdir() if p.name.endswith(".tmp")]
+    assert all(a < b for a, b in zip(steps, steps[1:])), steps
     model, cfg, _ = checkpoint.load_model(run / "checkpoint.pt")
-    assert cfg.name == "tiny", leftovers
+    assert cfg.name == "tiny"
+    final = steps[-1] + 2
+    subprocess.run(cmd[:cmd.index("--steps")] + ["--steps", str(final), "--resume"], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert checkpoint.load(run / "checkpoint.pt")["step"] == final
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # torn writes cleaned up
 
 
 def _ddp_worker(rank: int, port: int, out: str, result: str) -> None:
