@@ -28,6 +28,7 @@ def main(verbose: bool) -> None:
     """Search an image collection by one visual attribute at a time."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs every CPU probe
 
 
 def parse_chunks(text: str | None, n_chunks: int) -> list[int] | None:
@@ -154,6 +155,105 @@ def demo(out, images, steps, fresh):
                                           figure_every=500), run, device="auto", resume=resume,
                      progress=True, data_info={"spec": f"shapes:{images}", "format": "shapes"})
     click.echo(f"attribute transfer (one panel per chunk): {run / 'transfer.png'}")
+
+
+@main.command()
+@click.argument("data")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="A checkpoint from `retrieval train` (RUN/checkpoint.pt).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Index folder.")
+@click.option("--split", help="Index only this split (train, val, test).")
+@click.option("--format", "fmt", help="Dataset format, when detection is not wanted.")
+@click.option("--rebuild", is_flag=True, help="Drop the index in --out and re-encode everything.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--bf16", is_flag=True, help="bf16 autocast while encoding (CUDA only).")
+@click.option("--workers", type=int, default=None, help="Data loader processes (default: 2 for files on disk).")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images instead of stopping.")
+@click.option("--commit-every", type=int, default=4096, show_default=True,
+              help="Images encoded between commits; a crash loses at most this many.")
+def index(data, model_path, out, split, fmt, rebuild, batch_size, device, bf16, workers, skip_bad,
+          commit_every):
+    """Encode DATA into per-chunk FAISS indexes with metadata in SQLite (adds only new images)."""
+    from indexer.build import build_index
+
+    report = build_index(data, model_path, out, fmt=fmt, split=split, rebuild=rebuild,
+                         batch_size=batch_size, device=device, bf16=bf16, workers=workers,
+                         skip_bad=skip_bad, progress=True, commit_every=commit_every)
+    click.echo(f"{out}: {report.added} images added, {report.already_indexed} already indexed, "
+               f"{report.total} in all ({report.seconds:.1f} s)")
+
+
+@main.command()
+@click.argument("index_path", metavar="INDEX", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .npz file to write.")
+def export(index_path, out):
+    """Write ids, keys and features (N, n_chunks, chunk_dim) float32 to an .npz file."""
+    import numpy as np
+
+    from .index import Index
+
+    idx = Index(index_path)
+    features = np.stack([idx.store.vector(int(i)) for i in idx.ids]) if len(idx) else np.zeros(
+        (0, idx.n_chunks, idx.chunk_dim), np.float32)
+    np.savez(out, ids=idx.ids, keys=np.array(idx.keys), features=features)
+    click.echo(f"{out}: {len(idx)} images x {idx.n_chunks} chunks x {idx.chunk_dim}")
+
+
+@main.command()
+@click.argument("index_path", metavar="INDEX", type=click.Path(file_okay=False))
+@click.option("--image", "image_ref", help="Key or id of an indexed image to query with.")
+@click.option("--file", "file_path", type=click.Path(dir_okay=False), help="An image file to query with.")
+@click.option("--chunks", required=True, help="Chunk numbers or names, e.g. 2,4 or hair_colour.")
+@click.option("-k", type=int, default=10, show_default=True)
+@click.option("--offset", type=int, default=0, show_default=True)
+@click.option("--weights", help="One weight per chosen chunk, e.g. 1,0.5.")
+@click.option("--where", multiple=True, help="Keep only ATTRIBUTE=VALUE (or split=val); repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def search(index_path, image_ref, file_path, chunks, k, offset, weights, where, as_json):
+    """Nearest images by the chosen chunks (exact L2, ties by id)."""
+    import json
+
+    from .index import Index, parse_where
+
+    if (image_ref is None) == (file_path is None):
+        raise RetrievalError("give exactly one of --image KEY and --file PATH")
+    idx = Index(index_path)
+    query = idx.query_for(image_ref) if image_ref is not None else idx.query_for_file(file_path)
+    chosen = idx.resolve_chunks(chunks)
+    w = _floats(weights, "--weights") if weights else None
+    result = idx.search(query, chosen, k, offset=offset, weights=w, where=parse_where(where))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    names = idx.chunk_names()
+    label = ", ".join(f"{c} ({names[c]})" if names[c] else str(c) for c in chosen)
+    click.echo(f"query {query.key or query.file}; chunks {label}")
+    click.echo(f"{'rank':>4}  {'id':>8}  {'distance':>12}  key / attributes")
+    for rank, hit in enumerate(result["results"], start=offset + 1):
+        attrs = " ".join(f"{a}={v}" for a, v in hit["attributes"].items())
+        click.echo(f"{rank:>4}  {hit['id']:>8}  {hit['distance']:>12.4f}  {hit['key']}  {attrs}")
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise RetrievalError(f"{option} {text!r}: give numbers separated by commas, e.g. 1,0.5") from None
+
+
+@main.command()
+@click.argument("index_path", metavar="INDEX", type=click.Path(file_okay=False))
+@click.option("--name", nargs=2, metavar="CHUNK NAME", help='Name a chunk, e.g. --name 3 "hair colour".')
+def chunks(index_path, name):
+    """List the chunks with their names, or name one."""
+    from .index import Index
+
+    idx = Index(index_path)
+    if name:
+        idx.name_chunk(name[0], name[1])
+    for c, n in idx.chunk_names().items():
+        click.echo(f"{c}  {n or '-'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,378 @@
+"""Exact L2 search over any subset of an index's feature chunks (DESIGN.md, "The index").
+
+distance(x) = Σ_{c∈S} w_c ‖q_c − x_c‖² over the stored float32 features, ties broken by
+ascending id. Each chunk's vectors are stored contiguously, so a query reads only the chosen
+chunks: one GEMV/GEMM per chunk on the expansion w_c(‖x_c‖² − 2 x_c·q_c) in float32, a cheap
+selection of the k-th score, then every item whose float32 score lies within a rigorous
+rounding-error bound of the k-th is re-ranked in float64 from its raw vectors, so results equal
+a float64 brute force. The torch backend runs the same steps with torch.matmul and torch.topk
+on the store's device (CUDA, or the CPU for tests).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from disentangle.errors import RetrievalError
+
+_U = 2.0**-24  # float32 unit roundoff
+_TINY = 2.0**-126  # absolute error of one float32 op that underflows (flush-to-zero included)
+_SAFE = 1e36  # float32 scores bounded by this cannot overflow (float32 max is 3.4e38)
+_BLOCK = 1 << 16  # rows per block of float64 work: keeps its temporaries to a few MB
+_SCORES = 1 << 24  # float32 scores per query group: bounds the (Q, N) score matrix to 64 MB
+_TILE = 1 << 18  # float32 scores per block of rows x queries (1 MB): partial sums stay in L2
+_SPARSE = 8  # an allowed set of at most N / _SPARSE items is gathered instead of masked
+
+
+@dataclass
+class SearchResult:
+    """Ids (Q, k') int64 and float64 distances, best first; a query with fewer results pads -1 / inf."""
+
+    ids: np.ndarray
+    distances: np.ndarray
+
+
+class ChunkStore:
+    """Per-chunk contiguous float32 vectors with squared norms and int64 ids, searchable by any subset."""
+
+    def __init__(
+        self,
+        chunks: Sequence[np.ndarray] | np.ndarray,
+        ids: np.ndarray | None = None,
+        *,
+        backend: str | None = None,
+        device: str = "cpu",
+    ):
+        """Wrap n_chunks (N, d) arrays, or one (n_chunks, N, d) array; contiguous float32 is not copied."""
+        if isinstance(chunks, np.ndarray) and chunks.ndim != 3:
+            raise RetrievalError(f"a feature array must be (n_chunks, N, chunk_dim); got shape {chunks.shape}")
+        arrays = [np.asarray(a) for a in chunks]
+        shapes = sorted({a.shape for a in arrays})
+        real = all(a.dtype.kind in "fiu" for a in arrays)
+        if len(shapes) != 1 or len(shapes[0]) != 2 or not shapes[0][0] or not real:
+            raise RetrievalError(f"give one or more real (N, chunk_dim) arrays of one shape, N >= 1; got {shapes}")
+        arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
+        self.n_chunks, (n, self.chunk_dim) = len(arrays), arrays[0].shape
+        self.ids = np.array(np.arange(n) if ids is None else ids)
+        if self.ids.shape != (n,) or self.ids.dtype.kind not in "iu" or self.ids.min() < 0:
+            raise RetrievalError(f"ids must be {n} non-negative integers (-1 marks padding in results)")
+        self.ids = self.ids.astype(np.int64)
+        self.ids.setflags(write=False)
+        self._order = np.argsort(self.ids, kind="stable")
+        self._sorted = self.ids[self._order]
+        if np.any(self._sorted[1:] == self._sorted[:-1]):
+            raise RetrievalError("ids must be unique")
+        norms = [_squared_norms(a) for a in arrays]
+        if not all(np.all(m <= np.finfo(np.float32).max) for m in norms):  # NaN fails too
+            raise RetrievalError("features must be finite with squared chunk norms below 3e38")
+        self._max_norm = np.sqrt([m.max() for m in norms])  # per chunk, for the error bound
+        norms = [m.astype(np.float32) for m in norms]
+
+        self.backend = backend or ("numpy" if device == "cpu" else "torch")
+        if self.backend == "numpy" and device != "cpu":
+            raise RetrievalError(f"the numpy backend runs on the CPU; use backend='torch' for {device!r}")
+        if self.backend == "numpy":
+            self._x, self._norms = arrays, norms
+        elif self.backend == "torch":
+            import torch
+
+            try:
+                dev = torch.device(device)
+            except RuntimeError:
+                raise RetrievalError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise RetrievalError("CUDA is not available here; use device='cpu'")
+            self._x = [torch.as_tensor(a, device=dev) for a in arrays]  # shares memory on the CPU
+            self._norms = [torch.as_tensor(m, device=dev) for m in norms]
+        else:
+            raise RetrievalError(f"backend must be 'numpy' or 'torch'; got {backend!r}")
+
+    def __len__(self) -> int:
+        """Number of stored items."""
+        return len(self.ids)
+
+    def vector(self, id: int) -> np.ndarray:
+        """The stored (n_chunks, chunk_dim) float32 feature of an id."""
+        pos, found = self._positions(np.array([_integer("id", id, 0)]))
+        if not found[0]:
+            raise RetrievalError(f"id {id} is not in the store")
+        return np.concatenate([self._rows(c, pos) for c in range(self.n_chunks)])
+
+    def nbytes(self) -> int:
+        """Bytes held: vectors, norms, ids and the id lookup."""
+        arrays = self._x + self._norms
+        held = sum(a.nbytes if isinstance(a, np.ndarray) else a.element_size() * a.nelement() for a in arrays)
+        return held + self.ids.nbytes + self._order.nbytes + self._sorted.nbytes
+
+    def _positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store positions of ids, and whether each id is stored at all."""
+        i = np.minimum(np.searchsorted(self._sorted, ids), len(self) - 1)
+        return self._order[i], self._sorted[i] == ids
+
+    def _rows(self, c: int, pos: np.ndarray) -> np.ndarray:
+        """Chunk c of the items at positions pos, as a float32 numpy array."""
+        if self.backend == "numpy":
+            return self._x[c][pos]
+        import torch
+
+        return self._x[c][torch.from_numpy(pos).to(self._x[c].device)].cpu().numpy()
+
+
+def search(
+    store: ChunkStore,
+    queries: np.ndarray,
+    chunks: Sequence[int],
+    k: int = 10,
+    *,
+    weights: Sequence[float] | None = None,
+    offset: int = 0,
+    exclude_ids: Sequence[int] | np.ndarray | None = None,
+    allowed: np.ndarray | None = None,
+) -> SearchResult:
+    """Per query ((n_chunks, d) or (Q, n_chunks, d)), the k nearest allowed items after `offset`."""
+    q = _queries(store, queries)
+    sel = _chunks(store, chunks)
+    w = _weights(weights, len(sel))
+    k, offset = _integer("k", k, 1), _integer("offset", offset, 0)
+    valid = _allowed(store, allowed)
+    excl = _exclusions(store, exclude_ids, len(q), valid)
+    n_valid = len(store) if valid is None else int(valid.sum())
+    # A small allowed set is cheaper to gather than to scan; otherwise scan all and mask.
+    rows = np.flatnonzero(valid) if valid is not None and n_valid * _SPARSE <= len(store) else None
+    mask = valid if rows is None else None
+    local_excl = excl if rows is None else [np.searchsorted(rows, p) for p in excl]
+    kk = np.minimum(k + offset, n_valid - np.array([len(p) for p in excl]))  # scores to select
+    e = 2 * _error_bound(store, q, sel, w)
+
+    windows = _windows_torch if store.backend == "torch" else _windows_numpy
+    group = max(1, _SCORES // (len(store) if rows is None else max(len(rows), 1)))
+    found_ids, found_dist = [], []
+    for s in range(0, len(q), group):
+        g = slice(s, s + group)
+        if kk[g].max() > 0:
+            wins = windows(store, q[g], sel, w, rows, mask, local_excl[g], kk[g], e[g])
+        else:
+            wins = [np.empty(0, np.intp)] * len(q[g])
+        for i, win in enumerate(wins, start=s):
+            pos = win if rows is None else rows[win]
+            dist = _rerank(store, q[i], sel, w, pos)
+            best = np.lexsort((store.ids[pos], dist))[offset:offset + k]
+            found_ids.append(store.ids[pos[best]])
+            found_dist.append(dist[best])
+    width = max(len(r) for r in found_ids)
+    ids = np.full((len(q), width), -1, np.int64)
+    dist = np.full((len(q), width), np.inf)
+    for i, (r, d) in enumerate(zip(found_ids, found_dist)):
+        ids[i, :len(r)], dist[i, :len(d)] = r, d
+    return SearchResult(ids, dist)
+
+
+def _error_bound(store: ChunkStore, q: np.ndarray, sel: list[int], w: np.ndarray) -> np.ndarray:
+    """Per query, a bound E on |float32 score − exact score| over every stored item.
+
+    A score sums, per chosen chunk, fl(x_c · fl(−2 w_c) q_c) and fl(w_c · fl(‖x_c‖²)). With
+    B_c = w_c (M_c + ‖q_c‖)², M_c the largest stored norm, every term and partial sum is at most
+    Σ B_c in magnitude; the dot product errs by γ_d Σ|x_i q_i| ≤ γ_d B_c (any summation order),
+    the roundings of −2w_c, of the norm and of w_c·norm by 4u, and the 2|S|-term sum by
+    γ_{2|S|} Σ B_c: together under γ_{d+2|S|+4} Σ B_c. Reduced-precision torch matmuls (TF32,
+    bf16) add 2u_in per product. The factor 2 is slack for the (1 + O(u)) factors dropped and
+    for the float64 re-rank's own rounding, both far below it.
+    """
+    qn = np.sqrt(np.square(q[:, sel].astype(np.float64)).sum(-1))  # (Q, |S|)
+    b = ((store._max_norm[sel] + qn) ** 2 * w).sum(1)  # (Q,) Σ_c B_c
+    if not np.all(b < _SAFE):
+        raise RetrievalError("features, queries or weights too large for float32 scores; rescale them")
+    m = store.chunk_dim + 2 * len(sel) + 4
+    u_in = _torch_input_roundoff() if store.backend == "torch" else 0.0
+    ops = len(sel) * (2 * store.chunk_dim + 4)
+    return 2 * ((m * _U / (1 - m * _U) + 2 * u_in) * b + ops * _TINY)
+
+
+def _torch_input_roundoff() -> float:
+    """Rounding of fp32 matmul inputs that torch's precision setting allows (TF32 2^-11, bf16 2^-8)."""
+    import torch
+
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:  # set through torch's per-backend API, which it won't summarise: assume bf16
+        precision = "medium"
+    return {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}[precision]
+
+
+def _up(r: np.ndarray | float) -> np.ndarray:
+    """The float32 just above r, so `score <= _up(r)` keeps every float32 score <= r."""
+    return np.nextafter(np.float32(r), np.float32(np.inf))
+
+
+def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray]:
+    """Per query, the local indices whose float32 score is within e of the kk-th smallest."""
+    qs = [np.float32(-2.0 * wc) * q[:, c] for c, wc in zip(sel, w)]  # (Q, d) per chunk
+    n = len(store) if rows is None else len(rows)
+    acc = np.empty((len(q), n), np.float32)
+    step = max(1, _TILE // len(q))
+    tmp = np.empty((len(q), min(step, n)), np.float32)
+    for s in range(0, n, step):  # a block of rows at a time, so partial sums stay in cache
+        r = slice(s, s + step) if rows is None else rows[s:s + step]
+        part = acc[:, s:s + step]
+        t = tmp if tmp.shape == part.shape else np.empty(part.shape, np.float32)  # BLAS writes contiguous
+        for j, (c, wc) in enumerate(zip(sel, w)):
+            nrm = store._norms[c][r]
+            np.matmul(qs[j], store._x[c][r].T, out=t)  # (Q, block)
+            t += nrm if wc == 1 else np.float32(wc) * nrm
+            if j:
+                part += t
+            else:
+                part[...] = t
+    if mask is not None:
+        np.copyto(acc, np.inf, where=~mask)
+    for i, p in enumerate(excl):
+        acc[i, p] = np.inf
+    return [_select(acc[i], kk[i], e[i]) for i in range(len(q))]
+
+
+def _select(s: np.ndarray, kk: int, e: float) -> np.ndarray:
+    """Indices of every score <= (kk-th smallest of s) + e; needs kk finite scores."""
+    if kk == 0:
+        return np.empty(0, np.intp)
+    # The kk-th smallest of nb >= kk block minima bounds the kk-th score from above at the cost
+    # of one vectorised pass, so the exact selection runs on a few candidates, not all of s.
+    nb, t = 4 * kk, np.inf
+    if len(s) >= 32 * nb:
+        t = np.partition(s[: len(s) // nb * nb].reshape(nb, -1).min(1), kk - 1)[kk - 1]
+    cand = np.flatnonzero(s <= _up(t + e)) if np.isfinite(t) else np.arange(len(s))
+    kth = np.partition(s[cand], kk - 1)[kk - 1]
+    return cand[s[cand] <= _up(kth + e)]
+
+
+def _windows_torch(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray]:
+    """_windows_numpy with torch.matmul and torch.topk on the store's device."""
+    import torch
+
+    dev = store._x[0].device
+    qt = torch.from_numpy(q).to(dev)
+    idx = None if rows is None else torch.from_numpy(rows).to(dev)
+    acc = torch.zeros((len(q), len(store) if rows is None else len(rows)), dtype=torch.float32, device=dev)
+    for c, wc in zip(sel, w):
+        x, nrm = store._x[c], store._norms[c]
+        if idx is not None:
+            x, nrm = x[idx], nrm[idx]
+        acc.addmm_(qt[:, c], x.T, alpha=-2.0 * wc).add_(nrm, alpha=float(wc))  # (Q, n)
+    if mask is not None:
+        acc.masked_fill_(~torch.from_numpy(mask).to(dev), float("inf"))
+    for i, p in enumerate(excl):
+        acc[i, torch.from_numpy(p).to(dev)] = float("inf")
+    top = torch.topk(acc, int(kk.max()), dim=1, largest=False).values  # (Q, max kk), ascending
+    kth = top.gather(1, torch.from_numpy(np.maximum(kk, 1) - 1).to(dev)[:, None])[:, 0]
+    thr = _up(kth.double().cpu().numpy() + e)
+    hits = (acc <= torch.from_numpy(thr).to(dev)[:, None]).nonzero().cpu().numpy()  # (M, 2) by row
+    wins = np.split(hits[:, 1], np.searchsorted(hits[:, 0], np.arange(1, len(q))))
+    return [win if n else win[:0] for win, n in zip(wins, kk)]
+
+
+def _rerank(store: ChunkStore, q: np.ndarray, sel: list[int], w: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Float64 distances Σ_c w_c ‖q_c − x_c‖² of the items at positions pos, from the raw vectors."""
+    dist = np.zeros(len(pos))
+    for s in range(0, len(pos), _BLOCK):
+        for c, wc in zip(sel, w):
+            diff = store._rows(c, pos[s:s + _BLOCK]).astype(np.float64) - q[c].astype(np.float64)
+            dist[s:s + _BLOCK] += wc * np.square(diff).sum(1)
+    return dist
+
+
+def _squared_norms(x: np.ndarray) -> np.ndarray:
+    """Float64 squared row norms, a block at a time."""
+    out = np.empty(len(x))
+    for s in range(0, len(x), _BLOCK):
+        b = x[s:s + _BLOCK].astype(np.float64)
+        np.einsum("ij,ij->i", b, b, out=out[s:s + _BLOCK])
+    return out
+
+
+def _queries(store: ChunkStore, queries: np.ndarray) -> np.ndarray:
+    """Queries as a contiguous (Q, n_chunks, d) float32 array."""
+    q = np.asarray(queries)
+    q = q[None] if q.ndim == 2 else q
+    shape = (store.n_chunks, store.chunk_dim)
+    if q.ndim != 3 or q.shape[1:] != shape or not len(q) or q.dtype.kind not in "fiu":
+        raise RetrievalError(f"queries must be real arrays of shape {shape} or (Q, *{shape}), Q >= 1; "
+                             f"got {q.dtype} {np.shape(queries)}")
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    if not np.isfinite(q).all():
+        raise RetrievalError("queries must be finite (no NaN or inf)")
+    return q
+
+
+def _chunks(store: ChunkStore, chunks: Sequence[int]) -> list[int]:
+    """Validated chunk numbers."""
+    allowed = f"chunks 0..{store.n_chunks - 1}"
+    try:
+        sel = [operator.index(c) for c in chunks]
+    except TypeError:
+        raise RetrievalError(f"chunks must be a list of integers from {allowed}") from None
+    if not sel:
+        raise RetrievalError(f"choose at least one of {allowed}")
+    for c in sel:
+        if not 0 <= c < store.n_chunks:
+            raise RetrievalError(f"chunk {c} does not exist; this store has {allowed}")
+    if len(set(sel)) != len(sel):
+        raise RetrievalError(f"each chunk may be chosen once; got {sel}")
+    return sel
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
+    """Validated float64 weights, one per chosen chunk."""
+    if weights is None:
+        return np.ones(n)
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        w = None
+    if w is None or w.shape != (n,) or not np.all(np.isfinite(w) & (w > 0)):
+        raise RetrievalError(f"weights must be {n} finite numbers > 0, one per chosen chunk; got {weights!r}")
+    return w
+
+
+def _integer(name: str, value: int, low: int) -> int:
+    """value as an int >= low."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or v < low:
+        raise RetrievalError(f"{name} must be an integer >= {low}; got {value!r}")
+    return v
+
+
+def _allowed(store: ChunkStore, allowed: np.ndarray | None) -> np.ndarray | None:
+    """The allowed filter as a boolean mask over store positions (None: everything)."""
+    if allowed is None:
+        return None
+    a = np.asarray(allowed)
+    if a.dtype == bool and a.shape == (len(store),):
+        return a
+    if a.size and (a.ndim != 1 or a.dtype.kind not in "iu"):
+        raise RetrievalError(f"allowed must be a boolean mask of length {len(store)} or a 1-D array of ids")
+    pos, found = store._positions(a.astype(np.int64))
+    mask = np.zeros(len(store), bool)
+    mask[pos[found]] = True
+    return mask
+
+
+def _exclusions(store: ChunkStore, exclude_ids, n_queries: int, valid: np.ndarray | None) -> list[np.ndarray]:
+    """Per query, the sorted store positions of its excluded ids that could otherwise be found."""
+
+    def positions(ids: np.ndarray) -> np.ndarray:
+        pos, found = store._positions(ids.astype(np.int64))
+        pos = np.unique(pos[found])
+        return pos if valid is None else pos[valid[pos]]
+
+    e = np.asarray([] if exclude_ids is None else exclude_ids)
+    if not e.size:
+        return [np.empty(0, np.intp)] * n_queries
+    if e.dtype.kind not in "iu" or e.ndim not in (1, 2) or (e.ndim == 2 and len(e) != n_queries):
+        raise RetrievalError(f"exclude_ids must be ids excluded for every query, or a ({n_queries}, m) "
+                             "array with one row of ids per query")
+    return [positions(e)] * n_queries if e.ndim == 1 else [positions(r) for r in e]
