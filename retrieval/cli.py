@@ -194,9 +194,7 @@ def export(index_path, out):
     from .index import Index
 
     idx = Index(index_path)
-    features = np.stack([idx.store.vector(int(i)) for i in idx.ids]) if len(idx) else np.zeros(
-        (0, idx.n_chunks, idx.chunk_dim), np.float32)
-    np.savez(out, ids=idx.ids, keys=np.array(idx.keys), features=features)
+    np.savez(out, ids=idx.ids, keys=np.array(idx.keys()), features=idx.features())
     click.echo(f"{out}: {len(idx)} images x {idx.n_chunks} chunks x {idx.chunk_dim}")
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
 
@@ -57,9 +57,15 @@ class Query:
 
 
 class Index:
-    """A built index, read-only except for chunk names."""
+    """A built index, read-only except for chunk names.
 
-    def __init__(self, path: str | Path):
+    Opening reads only the manifest, the chunk names, the ids and the FAISS files: keys and
+    attributes stay in SQLite and are fetched for the k results, and filters run there as SQL,
+    so a 200K-image index opens in about a second and holds little beyond its vectors.
+    """
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        """Open INDEX; device 'cuda' (or 'auto' with a GPU present) searches with torch on the GPU."""
         self.path = Path(path)
         manifest = read_manifest(self.path)
         if manifest is None:
@@ -70,45 +76,64 @@ class Index:
         self.engine = connect(self.path / DATABASE)
         try:
             with Session(self.engine) as s:
-                rows = s.execute(select(Image.id, Image.key, Image.path, Image.split, Image.attributes)
-                                 .order_by(Image.id)).all()
+                self.ids = np.array(s.scalars(select(Image.id).order_by(Image.id)).all(), dtype=np.int64)
                 self._names = {c.index: c.name for c in s.scalars(select(Chunk))}
         except DatabaseError:
             raise RetrievalError(f"{self.path / DATABASE} is not a readable database (corrupted?); "
                                  "rebuild the index with --rebuild") from None
-        self.ids = np.array([r[0] for r in rows], dtype=np.int64)
-        self.keys = [r[1] for r in rows]
-        self.paths = [r[2] for r in rows]
-        self.splits = np.array([r[3] or "" for r in rows], dtype=object)
-        self.attributes: list[dict] = [r[4] or {} for r in rows]
-        self._position = {int(i): p for p, i in enumerate(self.ids)}
-        self._by_key = {k: p for p, k in enumerate(self.keys)}
         self._faiss = [faiss_files.read(faiss_files.chunk_path(self.path, c)) for c in range(self.n_chunks)]
         for c, index in enumerate(self._faiss):
             if not np.array_equal(faiss_files.ids_of(index), self.ids):
                 raise RetrievalError(f"{faiss_files.chunk_path(self.path, c)} disagrees with the "
                                      "metadata; finish the build by running `retrieval index` again, "
                                      "or rebuild with --rebuild")
+        if len(self.ids) == 0:
+            raise RetrievalError(f"{self.path} holds no images yet; run `retrieval index` to add some")
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         # views into the FAISS indexes' memory: self._faiss keeps them alive
-        self.store = ChunkStore([faiss_files.vectors_of(ix) for ix in self._faiss], self.ids)
+        self._vectors = [faiss_files.vectors_of(ix) for ix in self._faiss]
+        self.store = ChunkStore(self._vectors, self.ids,
+                                backend="numpy" if device == "cpu" else "torch", device=device)
         self._model = None
+        self._masks: dict[tuple, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
 
     # -- images ---------------------------------------------------------------------------
-    def position(self, ref: str | int) -> int:
-        """Row position of an indexed image given by key or id."""
-        if isinstance(ref, str) and ref in self._by_key:
-            return self._by_key[ref]
-        try:
-            return self._position[int(ref)]
-        except (ValueError, KeyError):
-            raise RetrievalError(f"no indexed image has key or id {ref!r}") from None
+    def resolve(self, ref: str | int) -> int:
+        """The id of an indexed image given by key or id."""
+        with Session(self.engine) as s:
+            found = s.scalar(select(Image.id).where(Image.key == str(ref)))
+        if found is not None:
+            return found
+        text = str(ref).strip()
+        if text.isdigit():
+            i = int(text)
+            pos = np.searchsorted(self.ids, i)
+            if pos < len(self.ids) and self.ids[pos] == i:
+                return i
+        raise RetrievalError(f"no indexed image has key or id {ref!r}")
 
-    def record(self, pos: int) -> dict:
-        return {"id": int(self.ids[pos]), "key": self.keys[pos], "path": self.paths[pos],
-                "split": self.splits[pos] or None, "attributes": self.attributes[pos]}
+    def records(self, ids: Sequence[int]) -> list[dict]:
+        """id, key, path, split and attributes of each id, in the order given."""
+        ids = [int(i) for i in ids]
+        with Session(self.engine) as s:
+            rows = {r.id: r for r in s.scalars(select(Image).where(Image.id.in_(ids)))}
+        return [{"id": i, "key": rows[i].key, "path": rows[i].path, "split": rows[i].split,
+                 "attributes": rows[i].attributes or {}} for i in ids]
+
+    def features(self) -> np.ndarray:
+        """All features (N, n_chunks, chunk_dim) float32, in id order (a copy)."""
+        return np.stack(self._vectors, axis=1)
+
+    def keys(self) -> list[str]:
+        """Every key, in id order (for export)."""
+        with Session(self.engine) as s:
+            return list(s.scalars(select(Image.key).order_by(Image.id)))
 
     @property
     def model(self):
@@ -118,8 +143,8 @@ class Index:
         return self._model
 
     def query_for(self, ref: str | int) -> Query:
-        pos = self.position(ref)
-        return Query(self.store.vector(int(self.ids[pos])), id=int(self.ids[pos]), key=self.keys[pos])
+        i = self.resolve(ref)
+        return Query(self.store.vector(i), id=i, key=self.records([i])[0]["key"])
 
     def query_for_file(self, path: str | Path) -> Query:
         """Encode an outside image file with the index's model."""
@@ -181,19 +206,40 @@ class Index:
 
     # -- search ---------------------------------------------------------------------------
     def allowed(self, where: dict[str, int | str] | None = None) -> np.ndarray | None:
-        """Boolean mask over the stored images for attribute (and 'split') filters."""
+        """Boolean mask over the stored images for attribute (and 'split') filters, run in SQLite."""
         if not where:
             return None
-        mask = np.ones(len(self), dtype=bool)
-        for name, value in where.items():
-            if name == "split":
-                mask &= self.splits == value
-                continue
-            if not any(name in a for a in self.attributes):
-                known = sorted({k for a in self.attributes for k in a}) + ["split"]
-                raise RetrievalError(f"no image has attribute {name!r}; filter on one of {', '.join(known)}")
-            mask &= np.fromiter((a.get(name) == value for a in self.attributes), bool, len(self))
-        return mask
+        cache_key = tuple(sorted(where.items(), key=str))
+        if cache_key not in self._masks:
+            query = select(Image.id)
+            for name, value in where.items():
+                query = query.where(Image.split == str(value) if name == "split"
+                                    else self._attribute(name) == value)
+            with Session(self.engine) as s:
+                hits = np.array(s.scalars(query).all(), dtype=np.int64)
+            unknown = [n for n in where if n != "split" and not self._has_attribute(n)]
+            if unknown:
+                raise RetrievalError(f"no image has attribute {unknown[0]!r}; filter on one of "
+                                     f"{', '.join(self._attribute_names() + ['split'])}")
+            if len(self._masks) >= 64:  # filters repeat; keep a bounded few
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[cache_key] = np.isin(self.ids, hits)
+        return self._masks[cache_key]
+
+    @staticmethod
+    def _attribute(name: str):
+        if '"' in name or "\\" in name:
+            raise RetrievalError(f"attribute name {name!r} cannot contain quotes or backslashes")
+        return func.json_extract(Image.attributes, f'$."{name}"')
+
+    def _has_attribute(self, name: str) -> bool:
+        with Session(self.engine) as s:
+            return s.scalar(select(Image.id).where(self._attribute(name).is_not(None)).limit(1)) is not None
+
+    def _attribute_names(self) -> list[str]:
+        with Session(self.engine) as s:  # a sample is enough to say what can be filtered on
+            rows = s.scalars(select(Image.attributes).limit(1000)).all()
+        return sorted({k for a in rows for k in (a or {})})
 
     def search(self, query: Query, chunks: Sequence[int], k: int = 10, *, offset: int = 0,
                weights: Sequence[float] | None = None, where: dict | None = None) -> dict:
@@ -201,11 +247,7 @@ class Index:
         exclude = [query.id] if query.id is not None else None
         result = search(self.store, query.vector[None], list(chunks), k, weights=weights, offset=offset,
                         exclude_ids=exclude, allowed=self.allowed(where))
-        hits = []
-        for i, d in zip(result.ids[0], result.distances[0]):
-            if i < 0:
-                continue
-            pos = self._position[int(i)]
-            hits.append({"id": int(i), "key": self.keys[pos], "distance": float(d),
-                         "attributes": self.attributes[pos]})
+        found = [(int(i), float(d)) for i, d in zip(result.ids[0], result.distances[0]) if i >= 0]
+        hits = [{"id": r["id"], "key": r["key"], "distance": d, "attributes": r["attributes"]}
+                for r, (_, d) in zip(self.records([i for i, _ in found]), found)]
         return {"query": query.describe(), "chunks": list(chunks), "k": k, "results": hits}

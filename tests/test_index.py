@@ -81,10 +81,9 @@ def test_stored_features_are_the_encoder_output(index, model):
     enc, cfg, _ = load_model(model)
     ds = open_dataset("shapes:600", size=cfg.image_size)
     idx = Index(index)
-    pos = idx.position("shape_000123")
     with torch.no_grad():
         expect = enc.encode(ds[123][None])[0].numpy()
-    np.testing.assert_allclose(idx.store.vector(int(idx.ids[pos])), expect, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(idx.store.vector(idx.resolve("shape_000123")), expect, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -105,7 +104,7 @@ def test_search_equals_brute_force_on_the_export(index, tmp_path, seed):
     allowed = None
     if seed % 2:
         idx = Index(index)
-        allowed = np.array([a.get("shape") == 1 for a in idx.attributes])
+        allowed = np.array([r["attributes"].get("shape") == 1 for r in idx.records(ids)])
     ref_ids, ref_d = _brute(feats, ids, feats[q], chunks, weights, allowed, exclude=ids[q])
     assert [r["id"] for r in result["results"]] == ref_ids[:15].tolist()
     np.testing.assert_allclose([r["distance"] for r in result["results"]], ref_d[:15], rtol=1e-6)
@@ -118,10 +117,13 @@ def test_search_equals_brute_force_on_the_export(index, tmp_path, seed):
 
 def test_filters_return_k_results_when_k_exist(index):
     idx = Index(index)
-    n_val = int((idx.splits == "val").sum())
+    n_val = sum(r["split"] == "val" for r in idx.records(idx.ids))
     res = idx.search(idx.query_for("shape_000001"), [0, 1], k=n_val + 5, where={"split": "val"})
     assert len(res["results"]) == n_val  # every val image, none from other splits
-    assert {idx.record(idx.position(r["id"]))["split"] for r in res["results"]} == {"val"}
+    assert {r["split"] for r in idx.records([h["id"] for h in res["results"]])} == {"val"}
+    both = idx.search(idx.query_for("shape_000001"), [2], k=1000, where={"split": "val", "shape": 2})
+    expect = [r["id"] for r in idx.records(idx.ids) if r["split"] == "val" and r["attributes"]["shape"] == 2]
+    assert sorted(h["id"] for h in both["results"]) == expect
 
 
 def test_query_by_id_key_and_file_agree(index, tmp_path, model):
@@ -132,7 +134,7 @@ def test_query_by_id_key_and_file_agree(index, tmp_path, model):
     pixels = open_dataset("shapes:600", size=cfg.image_size).image(42)
     Image.fromarray(pixels).save(tmp_path / "q.png")
     by_key = json.loads(ok("search", index, "--image", "shape_000042", "--chunks", "0,3", "--json").output)
-    by_id = json.loads(ok("search", index, "--image", idx.ids[idx.position("shape_000042")],
+    by_id = json.loads(ok("search", index, "--image", idx.resolve("shape_000042"),
                           "--chunks", "0,3", "--json").output)
     by_file = json.loads(ok("search", index, "--file", tmp_path / "q.png", "--chunks", "0,3", "--json").output)
     assert by_key["results"] == by_id["results"]
@@ -258,6 +260,6 @@ def test_sprites_val_split_indexes(tmp_path, model):
     out = tmp_path / "sprites"
     ok("index", SHARED / "sprites", "--model", model, "--out", out, "--split", "val")
     idx = Index(out)
-    assert len(idx) == 72 * 178 and set(idx.splits) == {"val"}
-    res = idx.search(idx.query_for(idx.keys[0]), [0], k=3, where={"pose": 0})
+    assert len(idx) == 72 * 178 and {r["split"] for r in idx.records(idx.ids)} == {"val"}
+    res = idx.search(idx.query_for(idx.keys()[0]), [0], k=3, where={"pose": 0})
     assert all(r["attributes"]["pose"] == 0 for r in res["results"])
