@@ -149,6 +149,8 @@ def build_index(data: str, model_path: str | Path, out: str | Path, *, fmt: str 
         with Session(engine) as s, s.begin():
             s.add_all(Chunk(index=c) for c in range(cfg.n_chunks))
         write_manifest(out, manifest)
+    # what to reopen for pixels when the images are not files (sprites sheets, mnist, shapes)
+    manifest = {**manifest, "dataset_spec": str(data) if ds.root is None else str(ds.root)}
     indexes = open_chunk_files(out, engine, cfg.n_chunks, cfg.chunk_dim)
 
     with Session(engine) as s:

@@ -10,7 +10,9 @@ on the store's device (CUDA, or the CPU for tests).
 """
 from __future__ import annotations
 
+import math
 import operator
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,8 +25,8 @@ _TINY = 2.0**-126  # absolute error of one float32 op that underflows (flush-to-
 _SAFE = 1e36  # float32 scores bounded by this cannot overflow (float32 max is 3.4e38)
 _BLOCK = 1 << 16  # rows per block of float64 work: keeps its temporaries to a few MB
 _SCORES = 1 << 24  # float32 scores per query group: bounds the (Q, N) score matrix to 64 MB
-_TILE = 1 << 18  # float32 scores per block of rows x queries (1 MB): partial sums stay in L2
 _SPARSE = 8  # an allowed set of at most N / _SPARSE items is gathered instead of masked
+_SCRATCH = threading.local()  # score buffers reused per thread, at most 2 x _SCORES floats each
 
 
 @dataclass
@@ -173,19 +175,21 @@ def search(
 def _error_bound(store: ChunkStore, q: np.ndarray, sel: list[int], w: np.ndarray) -> np.ndarray:
     """Per query, a bound E on |float32 score − exact score| over every stored item.
 
-    A score sums, per chosen chunk, fl(x_c · fl(−2 w_c) q_c) and fl(w_c · fl(‖x_c‖²)). With
+    A score sums, per chosen chunk, fl(x_c · (−2 w_c q_c)) and fl(w_c · fl(‖x_c‖²)). With
     B_c = w_c (M_c + ‖q_c‖)², M_c the largest stored norm, every term and partial sum is at most
-    Σ B_c in magnitude; the dot product errs by γ_d Σ|x_i q_i| ≤ γ_d B_c (any summation order),
-    the roundings of −2w_c, of the norm and of w_c·norm by 4u, and the 2|S|-term sum by
-    γ_{2|S|} Σ B_c: together under γ_{d+2|S|+4} Σ B_c. Reduced-precision torch matmuls (TF32,
-    bf16) add 2u_in per product. The factor 2 is slack for the (1 + O(u)) factors dropped and
-    for the float64 re-rank's own rounding, both far below it.
+    Σ B_c in magnitude. Per chunk the dot product errs by γ_d B_c (any summation order, FMA or
+    not), the float32 roundings of w_c, −2w_c q_c, the norm and w_c·norm by 5u B_c; the sum of
+    the 2|S| terms by γ_{2|S|} Σ B_c: in all under γ_{d+2|S|+5} Σ B_c. Reduced-precision torch
+    matmuls (TF32, bf16) round their inputs, adding 2u_in per product. The factor 2 is slack for
+    the dropped (1 + O(u)) factors and the float64 re-rank's own rounding, both far below it.
+    Then the true kk-th score is at most the float32 kk-th + E, and every true top-kk item
+    scores at most the float32 kk-th + 2E in float32: that window is re-ranked exactly.
     """
     qn = np.sqrt(np.square(q[:, sel].astype(np.float64)).sum(-1))  # (Q, |S|)
     b = ((store._max_norm[sel] + qn) ** 2 * w).sum(1)  # (Q,) Σ_c B_c
     if not np.all(b < _SAFE):
         raise RetrievalError("features, queries or weights too large for float32 scores; rescale them")
-    m = store.chunk_dim + 2 * len(sel) + 4
+    m = store.chunk_dim + 2 * len(sel) + 5
     u_in = _torch_input_roundoff() if store.backend == "torch" else 0.0
     ops = len(sel) * (2 * store.chunk_dim + 4)
     return 2 * ((m * _U / (1 - m * _U) + 2 * u_in) * b + ops * _TINY)
@@ -209,23 +213,17 @@ def _up(r: np.ndarray | float) -> np.ndarray:
 
 def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray]:
     """Per query, the local indices whose float32 score is within e of the kk-th smallest."""
-    qs = [np.float32(-2.0 * wc) * q[:, c] for c, wc in zip(sel, w)]  # (Q, d) per chunk
     n = len(store) if rows is None else len(rows)
-    acc = np.empty((len(q), n), np.float32)
-    step = max(1, _TILE // len(q))
-    tmp = np.empty((len(q), min(step, n)), np.float32)
-    for s in range(0, n, step):  # a block of rows at a time, so partial sums stay in cache
-        r = slice(s, s + step) if rows is None else rows[s:s + step]
-        part = acc[:, s:s + step]
-        t = tmp if tmp.shape == part.shape else np.empty(part.shape, np.float32)  # BLAS writes contiguous
-        for j, (c, wc) in enumerate(zip(sel, w)):
-            nrm = store._norms[c][r]
-            np.matmul(qs[j], store._x[c][r].T, out=t)  # (Q, block)
-            t += nrm if wc == 1 else np.float32(wc) * nrm
-            if j:
-                part += t
-            else:
-                part[...] = t
+    acc = _scratch("acc", (len(q), n), np.float32)
+    for j, (c, wc) in enumerate(zip(sel, w)):
+        x, nrm = store._x[c], store._norms[c]
+        if rows is not None:
+            x, nrm = x[rows], nrm[rows]
+        out = acc if j == 0 else _scratch("part", acc.shape, np.float32)
+        np.matmul(np.float32(-2.0 * wc) * q[:, c], x.T, out=out)  # (Q, n)
+        out += nrm if wc == 1 else np.multiply(nrm, np.float32(wc), out=_scratch("norm", (n,), np.float32))
+        if j:
+            acc += out
     if mask is not None:
         np.copyto(acc, np.inf, where=~mask)
     for i, p in enumerate(excl):
@@ -242,7 +240,10 @@ def _select(s: np.ndarray, kk: int, e: float) -> np.ndarray:
     nb, t = 4 * kk, np.inf
     if len(s) >= 32 * nb:
         t = np.partition(s[: len(s) // nb * nb].reshape(nb, -1).min(1), kk - 1)[kk - 1]
-    cand = np.flatnonzero(s <= _up(t + e)) if np.isfinite(t) else np.arange(len(s))
+    if np.isfinite(t):
+        cand = np.flatnonzero(np.less_equal(s, _up(t + e), out=_scratch("hits", s.shape, bool)))
+    else:
+        cand = np.arange(len(s))
     kth = np.partition(s[cand], kk - 1)[kk - 1]
     return cand[s[cand] <= _up(kth + e)]
 
@@ -270,6 +271,16 @@ def _windows_torch(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray
     hits = (acc <= torch.from_numpy(thr).to(dev)[:, None]).nonzero().cpu().numpy()  # (M, 2) by row
     wins = np.split(hits[:, 1], np.searchsorted(hits[:, 0], np.arange(1, len(q))))
     return [win if n else win[:0] for win, n in zip(wins, kk)]
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A reusable per-thread array: first touches of fresh pages would cost as much as the GEMV."""
+    size = math.prod(shape)
+    buf = getattr(_SCRATCH, name, None)
+    if buf is None or buf.size < size:
+        buf = np.empty(size, dtype)
+        setattr(_SCRATCH, name, buf)
+    return buf[:size].reshape(shape)
 
 
 def _rerank(store: ChunkStore, q: np.ndarray, sel: list[int], w: np.ndarray, pos: np.ndarray) -> np.ndarray:

@@ -196,10 +196,9 @@ def test_empty_filter_returns_no_columns(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_small_blocks_and_query_groups(backend, monkeypatch):
-    # Shrink block, tile and group sizes so every blocked loop runs, with a partial last block.
+    # Shrink block and group sizes so every blocked loop runs, with a partial last block.
     monkeypatch.setattr(search_module, "_BLOCK", 7)
     monkeypatch.setattr(search_module, "_SCORES", 300)
-    monkeypatch.setattr(search_module, "_TILE", 60)
     rng = np.random.default_rng(7)
     feats, ids = make_data(rng, 125, 3, 5, levels=2)
     store = store_of(feats, ids, backend)
