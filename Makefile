@@ -6,7 +6,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv clean
+.PHONY: test demo venv clean browser
 
 venv: $(VENV)/.installed
 
@@ -16,7 +16,12 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: venv
+# tests/test_web.py drives headless Chromium; a fresh machine has none (apt-get update only if needed)
+APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || $(APT) || { apt-get update -q && $(APT); }
+
+test: venv browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv

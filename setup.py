@@ -10,6 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["disentangle*", "indexer*", "retrieval*", "api*"]),
     include_package_data=True,
+    package_data={"api": ["openapi.json", "static/*"]},  # the web page and OpenAPI document ship with the package
     install_requires=[
         # torch 2.14.1 / torchvision 0.29.1 lie on the build machines' disk; keep them admitted.
         "torch>=2.3,<=2.14.1",
@@ -24,9 +25,10 @@ setup(
         "sqlalchemy>=2.0",
         "flask>=3.0",
         "waitress>=3.0",
+        "threadpoolctl>=3.1",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6.100"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "schemathesis>=4.0,<5", "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["retrieval=retrieval.cli:main"]},
 )

@@ -1,1 +1,70 @@
-"""api package."""
+"""The Flask service and web page (DESIGN.md, "The service"), in flaskr's app-factory style.
+
+`create_app()` reads config defaults, then RETRIEVAL_* environment variables, then `test_config`;
+it opens the index and loads the model once and keeps them in app.extensions["retrieval"].
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Flask, current_app, g, request
+
+from disentangle.errors import RetrievalError
+from retrieval.index import Index
+
+from . import chunks, errors, images, ops, search, web
+from .metrics import Metrics
+from .pixels import ImageSource
+from .state import Resources
+
+access_log = logging.getLogger("api.access")
+
+DEFAULTS = {
+    "INDEX": None,                          # the INDEX/ folder to serve (RETRIEVAL_INDEX)
+    "DEVICE": "cpu",                        # 'cuda' or 'auto' search with torch on a GPU
+    "TOKEN": None,                          # when set, PUT /chunks needs 'Authorization: Bearer TOKEN'
+    "MAX_CONTENT_LENGTH": 10 * 2**20,       # upload bodies past this are refused with 413
+    "MAX_IMAGE_PIXELS": 40_000_000,         # uploads with more pixels are refused with 400
+    "MAX_K": 1000,                          # results per page
+    "MAX_OFFSET": 100_000,                  # how deep a client may page
+    "IMAGE_MAX_AGE": 86_400,                # seconds browsers may cache images (ids never change)
+    "STRIP_IMAGES": 6,                      # donors per chunk strip
+}
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """The app serving config['INDEX']."""
+    app = Flask(__name__, static_folder=None)
+    app.config.from_mapping(DEFAULTS)
+    app.config.from_prefixed_env("RETRIEVAL")
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    app.json.sort_keys = False  # keep the search result's field order
+    if not app.config["INDEX"]:
+        raise RetrievalError("no index to serve: run `retrieval serve INDEX` or set RETRIEVAL_INDEX")
+    index = Index(app.config["INDEX"], device=app.config["DEVICE"])
+    index.model  # load the encoder/decoder now, not in the first request
+    app.extensions["retrieval"] = Resources(index, ImageSource(index.manifest), Metrics())
+
+    errors.register(app)
+    for module in (search, images, chunks, ops, web):
+        app.register_blueprint(module.bp)
+    app.before_request(_start_clock)
+    app.after_request(_finish)
+    return app
+
+
+def _start_clock() -> None:
+    g.started = time.perf_counter()
+
+
+def _finish(response):
+    """Count, time and log every request (one line each), and forbid content sniffing."""
+    seconds = time.perf_counter() - g.get("started", time.perf_counter())
+    endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+    current_app.extensions["retrieval"].metrics.observe(request.method, endpoint, response.status_code, seconds)
+    access_log.info('%s "%s %s" %d %.1f ms', request.remote_addr, request.method,
+                    request.full_path.rstrip("?")[:300], response.status_code, seconds * 1000)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return response

@@ -1,0 +1,89 @@
+"""Validation of request parameters: each helper turns a query or form value into what the search
+core takes, or raises an ApiError whose message says what is allowed."""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+from disentangle.errors import RetrievalError
+from retrieval.index import Index, parse_where
+
+from .errors import ApiError
+
+MAX_REF = 512          # longest key or id accepted; keys are relative paths or short ids
+MAX_WHERE = 16         # where-clauses per query
+MAX_CLAUSE = 200       # characters per where-clause
+_INT64 = 2**63
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+_INTEGER = re.compile(r"-?[0-9]+")
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def integer(values: Mapping, name: str, default: int, low: int, high: int) -> int:
+    """An integer parameter in [low, high]."""
+    text = values.get(name)
+    if text is None or text == "":
+        return default
+    text = text.strip()
+    if not _INTEGER.fullmatch(text) or len(text) > 12 or not low <= int(text) <= high:
+        raise ApiError(400, f"{name} must be an integer from {low} to {high}; got {text[:40]!r}")
+    return int(text)
+
+
+def image_id(index: Index, ref: str | None, name: str = "image") -> int:
+    """The id of the indexed image named by key or id; 404 when there is none. Never a path."""
+    if ref is None or not ref.strip():
+        raise ApiError(400, f"give {name}=KEY_OR_ID of an indexed image (or POST a file to /search)")
+    text = ref.strip()
+    # keys come from SQLite and ids are ASCII digits: anything else cannot name an image
+    if len(ref) > MAX_REF or _BAD_CHARS.search(ref) or (text.isdigit() and not _ASCII_DIGITS.fullmatch(text)):
+        raise ApiError(404, f"no indexed image has key or id {ref[:80]!r}")
+    if _ASCII_DIGITS.fullmatch(text) and len(text) > 18:
+        raise ApiError(404, f"no indexed image has id {text[:40]}...")
+    try:
+        return index.resolve(ref)
+    except RetrievalError as e:
+        raise ApiError(404, str(e)) from None
+
+
+def chunks(index: Index, spec: str | None) -> list[int]:
+    """Chunk numbers from 'chunks=2,4' or names such as 'hair_colour'."""
+    if spec is None or not spec.strip():
+        raise ApiError(400, f"give chunks=LIST, e.g. chunks=2,4: numbers 0..{index.n_chunks - 1} or chunk names")
+    items = [t.strip() for t in spec.split(",") if t.strip()]
+    if len(items) > index.n_chunks or len(spec) > 64 * index.n_chunks:
+        raise ApiError(400, f"chunks lists at most {index.n_chunks} chunks (0..{index.n_chunks - 1}), each once")
+    for item in items:
+        if item.lstrip("-").isdigit() and not _ASCII_DIGITS.fullmatch(item.lstrip("-")):
+            raise ApiError(400, f"chunk {item!r}: write chunk numbers with the digits 0-9")
+    return index.resolve_chunks(items)
+
+
+def weights(text: str | None, n: int) -> list[float] | None:
+    """One positive finite weight per chosen chunk, e.g. weights=1,0.5."""
+    if text is None or text == "":
+        return None
+    try:
+        w = [float(t) for t in text.split(",")]
+    except ValueError:
+        w = []
+    if len(w) != n or not all(math.isfinite(x) and x > 0 for x in w):
+        raise ApiError(400, f"weights must be {n} finite numbers > 0, one per chosen chunk, "
+                            f"separated by commas; got {text[:80]!r}")
+    return w
+
+
+def where(clauses: list[str]) -> dict[str, int | str]:
+    """ATTRIBUTE=VALUE filters (repeatable): Male=1, split=val."""
+    if len(clauses) > MAX_WHERE:
+        raise ApiError(400, f"at most {MAX_WHERE} where-clauses")
+    for clause in clauses:
+        if len(clause) > MAX_CLAUSE or _BAD_CHARS.search(clause):
+            raise ApiError(400, f"a where-clause is ATTRIBUTE=VALUE in at most {MAX_CLAUSE} printable "
+                                "characters, e.g. where=Male=1")
+    out = parse_where(clauses)
+    for name, value in out.items():
+        if isinstance(value, int) and not -_INT64 <= value < _INT64:
+            raise ApiError(400, f"where {name}={value}: integer values must fit in 64 bits")
+    return out

@@ -1,0 +1,26 @@
+"""Fixtures shared by the API and web-page tests: a tiny model and a shapes index, built once."""
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def api_model(tmp_path_factory) -> Path:
+    """A tiny checkpoint, trained a few steps so its features are not all alike."""
+    from disentangle.config import PRESETS, TrainConfig
+    from disentangle.train import train
+    from tests.test_train import Squares
+
+    run = tmp_path_factory.mktemp("api-run")
+    train(Squares(), PRESETS["tiny"], TrainConfig(steps=3, batch_size=8, figure_every=1000), run)
+    return run / "checkpoint.pt"
+
+
+@pytest.fixture(scope="session")
+def api_index(tmp_path_factory, api_model) -> Path:
+    """shapes:600 indexed with the tiny model (16 x 16 images, 8 chunks of 4)."""
+    from indexer.build import build_index
+
+    out = tmp_path_factory.mktemp("api-idx") / "shapes"
+    build_index("shapes:600", api_model, out)
+    return out
