@@ -4,6 +4,8 @@ per-chunk FAISS files (no copies), the encoder loaded on first use. Shared by th
 from __future__ import annotations
 
 import logging
+import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,9 @@ def normalize_name(name: str) -> str:
     return "_".join(name.replace("_", " ").lower().split())
 
 
+_INT = re.compile(r"-?[0-9]{1,18}")  # ASCII digits that fit an int64 (SQLite's integer)
+
+
 def parse_where(clauses: Sequence[str]) -> dict[str, int | str]:
     """['Male=1', 'split=val'] -> {'Male': 1, 'split': 'val'}; values that look like ints are ints."""
     out: dict[str, int | str] = {}
@@ -37,10 +42,7 @@ def parse_where(clauses: Sequence[str]) -> dict[str, int | str]:
         if not sep or not name.strip() or not value.strip():
             raise RetrievalError(f"filter {clause!r}: write ATTRIBUTE=VALUE, e.g. Male=1")
         value = value.strip()
-        try:
-            out[name.strip()] = int(value)
-        except ValueError:
-            out[name.strip()] = value
+        out[name.strip()] = int(value) if _INT.fullmatch(value) else value
     return out
 
 
@@ -99,6 +101,7 @@ class Index:
                                 backend="numpy" if device == "cpu" else "torch", device=device)
         self._model = None
         self._masks: dict[tuple, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -106,25 +109,26 @@ class Index:
     # -- images ---------------------------------------------------------------------------
     def resolve(self, ref: str | int) -> int:
         """The id of an indexed image given by key or id."""
-        with Session(self.engine) as s:
-            found = s.scalar(select(Image.id).where(Image.key == str(ref)))
+        with self.engine.connect() as conn:
+            found = conn.scalar(select(Image.id).where(Image.key == str(ref)))
         if found is not None:
             return found
         text = str(ref).strip()
-        if text.isdigit():
+        if _INT.fullmatch(text):
             i = int(text)
             pos = np.searchsorted(self.ids, i)
             if pos < len(self.ids) and self.ids[pos] == i:
                 return i
-        raise RetrievalError(f"no indexed image has key or id {ref!r}")
+        raise RetrievalError(f"no indexed image has key or id {str(ref)[:100]!r}")
 
     def records(self, ids: Sequence[int]) -> list[dict]:
         """id, key, path, split and attributes of each id, in the order given."""
         ids = [int(i) for i in ids]
-        with Session(self.engine) as s:
-            rows = {r.id: r for r in s.scalars(select(Image).where(Image.id.in_(ids)))}
-        return [{"id": i, "key": rows[i].key, "path": rows[i].path, "split": rows[i].split,
-                 "attributes": rows[i].attributes or {}} for i in ids]
+        cols = (Image.id, Image.key, Image.path, Image.split, Image.attributes)
+        with self.engine.connect() as conn:  # plain rows: ORM objects cost more than the search
+            rows = {r[0]: r for r in conn.execute(select(*cols).where(Image.id.in_(ids)))}
+        return [{"id": i, "key": rows[i][1], "path": rows[i][2], "split": rows[i][3],
+                 "attributes": rows[i][4] or {}} for i in ids]
 
     def features(self) -> np.ndarray:
         """All features (N, n_chunks, chunk_dim) float32, in id order (a copy)."""
@@ -158,7 +162,7 @@ class Index:
         if reason:
             raise RetrievalError(f"cannot use {path} as a query: {reason}")
         box = celeba_box if self.manifest["dataset_format"] == "celeba" else None
-        pixels = load_image(path, self.manifest["image_size"], box)
+        pixels = np.array(load_image(path, self.manifest["image_size"], box))  # writable for torch
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
         with torch.no_grad():
             f = self.model.encode(x)[0].numpy()
@@ -177,7 +181,7 @@ class Index:
         by_name = {normalize_name(n): c for c, n in self._names.items() if n}
         out = []
         for item in items:
-            if item.lstrip("-").isdigit():
+            if _INT.fullmatch(item):
                 c = int(item)
                 if not 0 <= c < self.n_chunks:
                     raise RetrievalError(f"chunk {c} is out of range: chunks are 0..{self.n_chunks - 1}")
@@ -185,7 +189,7 @@ class Index:
                 c = by_name[normalize_name(item)]
             else:
                 known = ", ".join(sorted(by_name)) or "none yet (name one with `retrieval chunks --name`)"
-                raise RetrievalError(f"unknown chunk {item!r}: give 0..{self.n_chunks - 1} or a name ({known})")
+                raise RetrievalError(f"unknown chunk {item[:100]!r}: give 0..{self.n_chunks - 1} or a name ({known})")
             if c in out:
                 raise RetrievalError(f"chunk {c} is listed twice")
             out.append(c)
@@ -195,7 +199,7 @@ class Index:
         """Give a chunk a name (None or '' clears it); names are unique."""
         (c,) = self.resolve_chunks(str(chunk))
         name = " ".join(name.split()) if name else None
-        if name and normalize_name(name).isdigit():
+        if name and _INT.fullmatch(normalize_name(name)):
             raise RetrievalError(f"a chunk name cannot be a number ({name!r})")
         for other, existing in self._names.items():
             if name and other != c and existing and normalize_name(existing) == normalize_name(name):
@@ -210,7 +214,9 @@ class Index:
         if not where:
             return None
         cache_key = tuple(sorted(where.items(), key=str))
-        if cache_key not in self._masks:
+        with self._lock:
+            mask = self._masks.get(cache_key)
+        if mask is None:
             query = select(Image.id)
             for name, value in where.items():
                 query = query.where(Image.split == str(value) if name == "split"
@@ -221,10 +227,12 @@ class Index:
             if unknown:
                 raise RetrievalError(f"no image has attribute {unknown[0]!r}; filter on one of "
                                      f"{', '.join(self._attribute_names() + ['split'])}")
-            if len(self._masks) >= 64:  # filters repeat; keep a bounded few
-                self._masks.pop(next(iter(self._masks)))
-            self._masks[cache_key] = np.isin(self.ids, hits)
-        return self._masks[cache_key]
+            mask = np.isin(self.ids, hits)
+            with self._lock:  # the server searches from several threads
+                if len(self._masks) >= 64:  # filters repeat; keep a bounded few
+                    self._masks.pop(next(iter(self._masks)))
+                self._masks[cache_key] = mask
+        return mask
 
     @staticmethod
     def _attribute(name: str):

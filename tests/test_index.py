@@ -19,6 +19,7 @@ from disentangle.data import open_dataset
 from indexer import faiss_files
 from indexer.build import build_index
 from retrieval.cli import main
+from disentangle.errors import RetrievalError
 from retrieval.index import Index
 from tests.test_cli import SHARED, fails, ok
 from tests.test_train import Squares
@@ -263,3 +264,17 @@ def test_sprites_val_split_indexes(tmp_path, model):
     assert len(idx) == 72 * 178 and {r["split"] for r in idx.records(idx.ids)} == {"val"}
     res = idx.search(idx.query_for(idx.keys()[0]), [0], k=3, where={"pose": 0})
     assert all(r["attributes"]["pose"] == 0 for r in res["results"])
+
+
+def test_where_values_and_refs_that_are_not_plain_integers(index):
+    from retrieval.index import parse_where
+
+    assert parse_where(["a=1", "b=-3", "c=²", "d=" + "9" * 25, "e=val"]) == {
+        "a": 1, "b": -3, "c": "²", "d": "9" * 25, "e": "val"}
+    idx = Index(index)
+    assert idx.search(idx.query_for("shape_000001"), [0], where={"shape": "9" * 25})["results"] == []
+    for ref in ("²", "9" * 5000, "-1"):
+        with pytest.raises(RetrievalError, match="no indexed image"):
+            idx.resolve(ref)
+    with pytest.raises(RetrievalError, match="unknown chunk"):
+        idx.resolve_chunks("²")
