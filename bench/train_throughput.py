@@ -91,11 +91,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--presets", default="tiny,shapes,mnist,sprites,celeba-dcgan,celeba-began")
     ap.add_argument("--bf16", action="store_true", help="our step with bf16 autocast (CUDA)")
+    ap.add_argument("--channels-last", action="store_true", help="our step with NHWC activations")
     args = ap.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    ours = "+".join(["fp32" if not args.bf16 else "bf16"] + (["channels-last"] if args.channels_last else [])
+                    + (["fused Adam"] if device.type == "cuda" else []))
     print(f"device: {name}; torch {torch.__version__}; batch {args.batch_size} pairs; "
-          f"median of {args.repeats} steps\n")
+          f"median of {args.repeats} steps; ours = {ours}\n")
     print("| preset | image | reference fp32 eager (pairs/s) | ours (pairs/s) | ratio |")
     print("|---|---|---|---|---|")
     for preset in args.presets.split(","):
@@ -103,7 +106,8 @@ def main():
         g = torch.Generator().manual_seed(0)
         x = (torch.rand(2 * args.batch_size, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1).to(device)
         batch = tuple(x.chunk(2))
-        trainer = MixingTrainer(cfg, TrainConfig(batch_size=args.batch_size, bf16=args.bf16), device)
+        trainer = MixingTrainer(cfg, TrainConfig(batch_size=args.batch_size, bf16=args.bf16,
+                                                 channels_last=args.channels_last), device)
         r = compare(ReferenceStep(cfg, device), trainer.step, batch, device, args.repeats)
         size = cfg.image_size
         print(f"| {preset} | {size}x{size} | {r['ref']:.1f} | {r['ours']:.1f} | {r['ours'] / r['ref']:.2f} |",

@@ -118,6 +118,7 @@ class TrainConfig:
     mask: str = "per-batch"       # the authors' code draws one mask per batch; the paper's text per sample
     seed: int = 0
     bf16: bool = False            # autocast on CUDA only
+    channels_last: bool = False   # NHWC activations: faster convolutions on tensor cores
     checkpoint_every: int = 1000
     figure_every: int = 1000
     log_every: int = 10

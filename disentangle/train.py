@@ -120,7 +120,8 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
                                  "resume with the same --preset")
         start = ckpt["step"]
         tc = replace(TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k != "losses"}),
-                     steps=tc.steps, bf16=tc.bf16, checkpoint_every=tc.checkpoint_every,
+                     steps=tc.steps, bf16=tc.bf16, channels_last=tc.channels_last,
+                     checkpoint_every=tc.checkpoint_every,
                      figure_every=tc.figure_every, log_every=tc.log_every)
     elif ckpt_path.exists():
         raise RetrievalError(f"{out} already holds a checkpoint; pass --resume to continue it "
