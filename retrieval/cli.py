@@ -9,6 +9,7 @@ import click
 
 from disentangle.errors import RetrievalError
 
+DEMO_STEPS = 3000  # about 8 minutes on 2 CPU cores
 # the preset a dataset format trains with unless --preset says otherwise
 DEFAULT_PRESET = {"sprites": "sprites", "mnist": "mnist", "celeba": "celeba-dcgan",
                   "folder": "celeba-dcgan", "shapes": "shapes"}
@@ -68,13 +69,14 @@ def _open_data(data: str, size: int, fmt: str | None, skip_bad: bool, split: str
 @click.option("--format", "fmt", help="Dataset format, when detection is not wanted.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images instead of stopping.")
 @click.option("--bf16", is_flag=True, help="bf16 autocast (CUDA only).")
+@click.option("--channels-last", is_flag=True, help="NHWC activations (faster convolutions on GPUs).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True)
 @click.option("--workers", type=int, default=None, help="Data loader processes (default: 2 for files on disk).")
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True)
 @click.option("--figure-every", type=int, default=1000, show_default=True)
 def train(data, preset, out, steps, batch_size, device, variant, mask, resume, fmt, skip_bad, bf16,
-          seed, lr, workers, checkpoint_every, figure_every):
+          channels_last, seed, lr, workers, checkpoint_every, figure_every):
     """Train the mixing autoencoder on DATA (a folder, or shapes[:N])."""
     from disentangle import checkpoint
     from disentangle.config import TrainConfig, preset as get_preset
@@ -87,7 +89,8 @@ def train(data, preset, out, steps, batch_size, device, variant, mask, resume, f
         fmt = "shapes" if data.split(":")[0] == "shapes" else detect_format(data)
     cfg = get_preset(preset or DEFAULT_PRESET[fmt])
     tc = TrainConfig(steps=steps, batch_size=batch_size, variant=variant, mask=mask, seed=seed,
-                     bf16=bf16, lr=lr, checkpoint_every=checkpoint_every, figure_every=figure_every)
+                     bf16=bf16, channels_last=channels_last, lr=lr, checkpoint_every=checkpoint_every,
+                     figure_every=figure_every)
     ds = _open_data(data, cfg.image_size, fmt, skip_bad)
     if workers is None:
         workers = 2 if fmt in ("celeba", "folder") else 0
@@ -131,30 +134,62 @@ def transfer(checkpoint_path, data, out, chunks, split, count, seed, fmt):
 @main.command()
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(file_okay=False))
 @click.option("--images", type=int, default=20_000, show_default=True, help="Built-in shapes to generate.")
-@click.option("--steps", type=int, default=3000, show_default=True)
-@click.option("--fresh", is_flag=True, help="Start over instead of reusing --out.")
-def demo(out, images, steps, fresh):
-    """Train on the built-in shapes data (CPU is enough) and draw what each chunk carries."""
+@click.option("--steps", type=int, default=DEMO_STEPS, show_default=True, help="Training steps (batch 32).")
+@click.option("--fresh", is_flag=True, help="Start over instead of reusing what --out holds.")
+@click.option("--no-serve", is_flag=True, help="Stop after the evaluation instead of serving the page.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True)
+def demo(out, images, steps, fresh, no_serve, host, port):
+    """The whole path on built-in data, CPU only: generate, train, index, evaluate, name, serve."""
     import shutil
 
     from disentangle import checkpoint
     from disentangle.config import TrainConfig, preset as get_preset
     from disentangle.train import train as run_training
+    from indexer.build import build_index, read_manifest, sha256_file
 
-    run = Path(out) / "run"
-    if fresh and Path(out).exists():
+    from .evaluate import default_split, evaluate_index
+    from .index import Index
+    from .report import table2_markdown
+
+    out = Path(out)
+    run, index_dir, spec = out / "run", out / "index", f"shapes:{images}"
+    if fresh and out.exists():
         shutil.rmtree(out)
     cfg = get_preset("shapes")
-    ds = _open_data(f"shapes:{images}", cfg.image_size, "shapes", skip_bad=False)
-    resume = (run / "checkpoint.pt").exists()
-    if resume and checkpoint.load(run / "checkpoint.pt")["step"] >= steps:
-        click.echo(f"reusing {run} (pass --fresh to retrain)", err=True)
+    click.echo(f"[1/5] generating {images} shapes (shape, colour, background, scale, rotation, x, y)", err=True)
+    ds = _open_data(spec, cfg.image_size, "shapes", skip_bad=False)
+    done = checkpoint.load(run / "checkpoint.pt")["step"] if (run / "checkpoint.pt").exists() else None
+    if done is not None and done >= steps:
+        click.echo(f"[2/5] reusing the model in {run} (step {done}; --fresh retrains)", err=True)
     else:
-        click.echo(f"training the shapes preset on {len(ds)} generated images for {steps} steps", err=True)
+        click.echo(f"[2/5] training the mixing autoencoder (mix+c+g, shapes preset) for {steps} steps", err=True)
         run_training(ds, cfg, TrainConfig(steps=steps, batch_size=32, checkpoint_every=500,
-                                          figure_every=500), run, device="auto", resume=resume,
-                     progress=True, data_info={"spec": f"shapes:{images}", "format": "shapes"})
-    click.echo(f"attribute transfer (one panel per chunk): {run / 'transfer.png'}")
+                                          figure_every=500), run, device="auto", resume=done is not None,
+                     progress=True, data_info={"spec": spec, "format": "shapes"})
+    click.echo(f"[3/5] indexing {len(ds)} images into {index_dir}", err=True)
+    built = read_manifest(index_dir) if index_dir.exists() else None  # stale if the model changed
+    rebuild = built is not None and built["checkpoint_sha256"] != sha256_file(run / "checkpoint.pt")
+    report = build_index(spec, run / "checkpoint.pt", index_dir, progress=True, rebuild=rebuild)
+    click.echo(f"      {report.added} added, {report.already_indexed} already there", err=True)
+    idx = Index(index_dir)
+    click.echo("[4/5] evaluating: mAP of same-attribute retrieval by each chunk (Table 2 protocol)", err=True)
+    result = evaluate_index(idx, default_split(idx), probe_chunks=False)
+    click.echo(table2_markdown(result))
+    click.echo(f"average best-chunk mAP {result['average']['best']:.3f} vs random {result['average']['random']:.3f}")
+    click.echo("[5/5] naming chunks after the factor each one retrieves best", err=True)
+    for c, name in result["suggestions"].items():
+        idx.name_chunk(c, name)
+    for c, name in idx.chunk_names().items():
+        click.echo(f"  chunk {c}: {name or '(no single factor)'}")
+    click.echo(f"attribute transfer, one panel per chunk: {run / 'transfer.png'}")
+    if no_serve:
+        click.echo(f"to browse: retrieval serve {index_dir}")
+        return
+    from api.serve import serve as run_server
+
+    click.echo(f"serving the web page on http://{host}:{port}/  (Ctrl-C stops)")
+    run_server(index_dir, host=host, port=port)
 
 
 @main.command()
@@ -243,15 +278,94 @@ def _floats(text: str, option: str) -> list[float]:
 @main.command()
 @click.argument("index_path", metavar="INDEX", type=click.Path(file_okay=False))
 @click.option("--name", nargs=2, metavar="CHUNK NAME", help='Name a chunk, e.g. --name 3 "hair colour".')
-def chunks(index_path, name):
+@click.option("--accept-suggestions", is_flag=True,
+              help="Name chunks after the attribute each retrieves best (see `retrieval evaluate`).")
+def chunks(index_path, name, accept_suggestions):
     """List the chunks with their names, or name one."""
     from .index import Index
 
     idx = Index(index_path)
     if name:
         idx.name_chunk(name[0], name[1])
+    if accept_suggestions:
+        from .evaluate import accept_suggestions as accept
+
+        click.echo(f"named {len(accept(idx))} chunk(s) after the attributes they retrieve best", err=True)
     for c, n in idx.chunk_names().items():
         click.echo(f"{c}  {n or '-'}")
+
+
+@main.command()
+@click.argument("index_path", metavar="INDEX", type=click.Path(file_okay=False))
+@click.option("--split", help="Evaluate this split (default: val if indexed, else every image).")
+@click.option("--whole/--per-chunk", default=None,
+              help="Evaluate the full feature as one chunk (default: only for an `ae` model, as the paper).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--out", type=click.Path(file_okay=False), help="Write report.md, report.json, heatmap.png here.")
+def evaluate(index_path, split, whole, as_json, out):
+    """The paper's Table 2 (nearest-neighbour mAP per chunk) and Table 3 (linear probe) protocols."""
+    import json
+
+    from .evaluate import default_split, evaluate_index
+    from .index import Index
+    from .report import table2_markdown, table3_markdown, write_report
+
+    idx = Index(index_path)
+    report = evaluate_index(idx, split or default_split(idx), whole=whole)
+    if out:
+        for path in write_report(report, out):
+            click.echo(f"wrote {path}", err=True)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(f"{report['images']} images of split {report['split'] or 'all'} ({report['seconds']} s); "
+               "mAP by chunk, * = best per attribute")
+    click.echo(table2_markdown(report))
+    click.echo("\nlinear probe (Table 3):")
+    click.echo(table3_markdown(report))
+    if report["suggestions"]:
+        click.echo("\nsuggested names: " + ", ".join(f"{c}={a}" for c, a in report["suggestions"].items())
+                   + " (store with `retrieval chunks INDEX --accept-suggestions`)")
+
+
+@main.command()
+@click.argument("data")
+@click.option("--preset", help="Network preset (default: by data format).")
+@click.option("--variants", default="ae,mix,mix+c,mix+g,mix+c+g,ae+c+g,c+g", show_default=True,
+              help="Table 2 rows to train, comma-separated.")
+@click.option("--steps", type=int, required=True, help="Training steps per variant.")
+@click.option("--out", default="ablation", show_default=True, type=click.Path(file_okay=False))
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-split", default="val", show_default=True, help="Split to index and evaluate.")
+@click.option("--format", "fmt", help="Dataset format, when detection is not wanted.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def ablate(data, preset, variants, steps, out, batch_size, seed, eval_split, fmt, device):
+    """Train every variant with one budget and seed, evaluate each, print one Table 2 (resumable)."""
+    from disentangle.data import detect_format
+
+    from .ablate import ablate as run_ablation, parse_variants
+    from .report import ablation_markdown
+
+    if fmt is None:
+        fmt = "shapes" if data.split(":")[0] == "shapes" else detect_format(data)
+    result = run_ablation(data, preset or DEFAULT_PRESET[fmt], parse_variants(variants), steps, out,
+                          batch_size=batch_size, seed=seed, eval_split=eval_split, fmt=fmt,
+                          device=device, progress=True)
+    click.echo(ablation_markdown(result))
+    click.echo(f"wrote {Path(out) / 'ablation.md'} and {Path(out) / 'ablation.json'}", err=True)
+
+
+@main.command()
+@click.argument("index_path", metavar="INDEX", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True, help="Worker threads.")
+def serve(index_path, host, port, threads):
+    """Serve the API and web page for INDEX (waitress; Ctrl-C or SIGTERM stops it)."""
+    from api.serve import serve as run_server
+
+    run_server(index_path, host=host, port=port, threads=threads)
 
 
 if __name__ == "__main__":

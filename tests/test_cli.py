@@ -95,9 +95,10 @@ def test_transfer_renders_one_panel_per_chunk(tmp_path):
 
 def test_demo_trains_then_reuses(tmp_path):
     out = tmp_path / "demo"
-    first = ok("demo", "--out", out, "--images", 200, "--steps", 2)
-    assert (out / "run" / "transfer.png").exists()
-    second = ok("demo", "--out", out, "--images", 200, "--steps", 2)
+    first = ok("demo", "--out", out, "--images", 200, "--steps", 2, "--no-serve")
+    assert (out / "run" / "transfer.png").exists() and (out / "index" / "manifest.json").exists()
+    assert "average best-chunk mAP" in first.output and "chunk 7:" in first.output
+    second = ok("demo", "--out", out, "--images", 200, "--steps", 2, "--no-serve")
     assert "reusing" in second.output and "reusing" not in first.output
 
 
