@@ -7,6 +7,12 @@ selection of the k-th score, then every item whose float32 score lies within a r
 rounding-error bound of the k-th is re-ranked in float64 from its raw vectors, so results equal
 a float64 brute force. The torch backend runs the same steps with torch.matmul and torch.topk
 on the store's device (CUDA, or the CPU for tests).
+
+Filters act inside the search, so k results come back whenever k items pass them: `allowed` is
+a boolean mask over the store's items or an array of ids; `exclude_ids` is one list of ids for
+every query, or a (Q, m) array with a row per query. Ids the store lacks are ignored by both.
+Results are ids and float64 distances of shape (Q, k'), k' the most any query found; a query
+with fewer (only possible with per-query exclusions) is padded with id -1 and distance inf.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ _SAFE = 1e36  # float32 scores bounded by this cannot overflow (float32 max is 3
 _BLOCK = 1 << 16  # rows per block of float64 work: keeps its temporaries to a few MB
 _SCORES = 1 << 24  # float32 scores per query group: bounds the (Q, N) score matrix to 64 MB
 _SPARSE = 8  # an allowed set of at most N / _SPARSE items is gathered instead of masked
-_SCRATCH = threading.local()  # score buffers reused per thread, at most 2 x _SCORES floats each
+_GROUPS = 256  # selection groups per wanted item: more groups, fewer candidates to scan
+_SCRATCH = threading.local()  # score buffers kept per thread: at most 2 x _SCORES + N floats
 
 
 @dataclass
@@ -55,7 +62,7 @@ class ChunkStore:
         shapes = sorted({a.shape for a in arrays})
         real = all(a.dtype.kind in "fiu" for a in arrays)
         if len(shapes) != 1 or len(shapes[0]) != 2 or not shapes[0][0] or not real:
-            raise RetrievalError(f"give one or more real (N, chunk_dim) arrays of one shape, N >= 1; got {shapes}")
+            raise RetrievalError(f"give real (N, chunk_dim) arrays of one shape, N >= 1; got shapes {shapes}")
         arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in arrays]
         self.n_chunks, (n, self.chunk_dim) = len(arrays), arrays[0].shape
         self.ids = np.array(np.arange(n) if ids is None else ids)
@@ -178,16 +185,17 @@ def _error_bound(store: ChunkStore, q: np.ndarray, sel: list[int], w: np.ndarray
     A score sums, per chosen chunk, fl(x_c · (−2 w_c q_c)) and fl(w_c · fl(‖x_c‖²)). With
     B_c = w_c (M_c + ‖q_c‖)², M_c the largest stored norm, every term and partial sum is at most
     Σ B_c in magnitude. Per chunk the dot product errs by γ_d B_c (any summation order, FMA or
-    not), the float32 roundings of w_c, −2w_c q_c, the norm and w_c·norm by 5u B_c; the sum of
-    the 2|S| terms by γ_{2|S|} Σ B_c: in all under γ_{d+2|S|+5} Σ B_c. Reduced-precision torch
-    matmuls (TF32, bf16) round their inputs, adding 2u_in per product. The factor 2 is slack for
-    the dropped (1 + O(u)) factors and the float64 re-rank's own rounding, both far below it.
-    Then the true kk-th score is at most the float32 kk-th + E, and every true top-kk item
-    scores at most the float32 kk-th + 2E in float32: that window is re-ranked exactly.
+    not), the float32 roundings of −2w_c, of its product with q_c, of w_c, of the norm and of
+    w_c·norm by 5u B_c; the sum of the 2|S| terms by γ_{2|S|} Σ B_c: in all under
+    γ_{d+2|S|+5} Σ B_c. Reduced-precision torch matmuls (TF32, bf16) round their inputs, adding
+    2u_in per product. The factor 2 is slack for the dropped (1 + O(u)) factors and the float64
+    re-rank's own rounding, both far below it. Then the true kk-th score is at most the float32
+    kk-th + E, and every true top-kk item scores at most the float32 kk-th + 2E in float32:
+    that window is re-ranked exactly.
     """
     qn = np.sqrt(np.square(q[:, sel].astype(np.float64)).sum(-1))  # (Q, |S|)
     b = ((store._max_norm[sel] + qn) ** 2 * w).sum(1)  # (Q,) Σ_c B_c
-    if not np.all(b < _SAFE):
+    if not b.max() < _SAFE:  # NaN fails too
         raise RetrievalError("features, queries or weights too large for float32 scores; rescale them")
     m = store.chunk_dim + 2 * len(sel) + 5
     u_in = _torch_input_roundoff() if store.backend == "torch" else 0.0
@@ -212,16 +220,16 @@ def _up(r: np.ndarray | float) -> np.ndarray:
 
 
 def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray]:
-    """Per query, the local indices whose float32 score is within e of the kk-th smallest."""
+    """Per query, local indices including every float32 score within e of the kk-th smallest."""
     n = len(store) if rows is None else len(rows)
-    acc = _scratch("acc", (len(q), n), np.float32)
+    acc = _scratch("acc", (len(q), n))
     for j, (c, wc) in enumerate(zip(sel, w)):
         x, nrm = store._x[c], store._norms[c]
         if rows is not None:
             x, nrm = x[rows], nrm[rows]
-        out = acc if j == 0 else _scratch("part", acc.shape, np.float32)
+        out = acc if j == 0 else _scratch("part", acc.shape)
         np.matmul(np.float32(-2.0 * wc) * q[:, c], x.T, out=out)  # (Q, n)
-        out += nrm if wc == 1 else np.multiply(nrm, np.float32(wc), out=_scratch("norm", (n,), np.float32))
+        out += nrm if wc == 1 else np.multiply(nrm, np.float32(wc), out=_scratch("norm", (n,)))
         if j:
             acc += out
     if mask is not None:
@@ -232,20 +240,24 @@ def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray
 
 
 def _select(s: np.ndarray, kk: int, e: float) -> np.ndarray:
-    """Indices of every score <= (kk-th smallest of s) + e; needs kk finite scores."""
+    """Indices of a superset of the scores <= (kk-th smallest of s) + e; needs kk finite scores."""
     if kk == 0:
         return np.empty(0, np.intp)
-    # The kk-th smallest of nb >= kk block minima bounds the kk-th score from above at the cost
-    # of one vectorised pass, so the exact selection runs on a few candidates, not all of s.
-    nb, t = 4 * kk, np.inf
-    if len(s) >= 32 * nb:
-        t = np.partition(s[: len(s) // nb * nb].reshape(nb, -1).min(1), kk - 1)[kk - 1]
-    if np.isfinite(t):
-        cand = np.flatnonzero(np.less_equal(s, _up(t + e), out=_scratch("hits", s.shape, bool)))
-    else:
-        cand = np.arange(len(s))
-    kth = np.partition(s[cand], kk - 1)[kk - 1]
-    return cand[s[cand] <= _up(kth + e)]
+    # Items fall into nb >= kk strided groups (item i in group i % nb). The kk-th smallest group
+    # minimum t bounds the kk-th score from above, and only groups whose minimum is <= t + e can
+    # hold scores <= t + e: one vectorised pass leaves about kk candidates.
+    nb = min(_GROUPS * kk, len(s) // 16)
+    if nb >= kk:
+        m = len(s) // nb
+        groups = s[: m * nb].reshape(m, nb)  # column j is group j
+        mins = groups.min(0)
+        t = np.partition(mins, kk - 1)[kk - 1]
+        if np.isfinite(t):
+            thr = _up(t + e)
+            hit = np.flatnonzero(mins <= thr)
+            r, c = np.nonzero(groups[:, hit] <= thr)
+            return np.concatenate([r * nb + hit[c], m * nb + np.flatnonzero(s[m * nb:] <= thr)])
+    return np.flatnonzero(s <= _up(np.partition(s, kk - 1)[kk - 1] + e))
 
 
 def _windows_torch(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray]:
@@ -273,12 +285,12 @@ def _windows_torch(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray
     return [win if n else win[:0] for win, n in zip(wins, kk)]
 
 
-def _scratch(name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-    """A reusable per-thread array: first touches of fresh pages would cost as much as the GEMV."""
+def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A reusable per-thread float32 array: page faults on fresh memory cost about as much as the GEMV."""
     size = math.prod(shape)
     buf = getattr(_SCRATCH, name, None)
     if buf is None or buf.size < size:
-        buf = np.empty(size, dtype)
+        buf = np.empty(size, np.float32)
         setattr(_SCRATCH, name, buf)
     return buf[:size].reshape(shape)
 
@@ -288,7 +300,7 @@ def _rerank(store: ChunkStore, q: np.ndarray, sel: list[int], w: np.ndarray, pos
     dist = np.zeros(len(pos))
     for s in range(0, len(pos), _BLOCK):
         for c, wc in zip(sel, w):
-            diff = store._rows(c, pos[s:s + _BLOCK]).astype(np.float64) - q[c].astype(np.float64)
+            diff = np.subtract(store._rows(c, pos[s:s + _BLOCK]), q[c], dtype=np.float64)  # exact
             dist[s:s + _BLOCK] += wc * np.square(diff).sum(1)
     return dist
 

@@ -103,27 +103,29 @@ def test_equals_brute_force(backend, case):
                                        allowed, excluded))
 
 
-def near_copies(rng):
-    """Shuffled near-copies (1e-3 apart) of 60 vectors far from the origin, and a query among them.
+def near_copies(rng, n_bases):
+    """Shuffled near-copies (100 each, 1e-3 apart) of vectors far from the origin, and 8 queries.
 
     float32 ‖x‖² − 2x·q cannot order them (its rounding error is ~1e-2, their distances ~1e-5),
     so results are right only if the error-bound window and the float64 re-rank work.
     """
-    base = 30 + rng.standard_normal((60, 1, 2, 16))
-    feats = (base + 1e-3 * rng.standard_normal((60, 100, 2, 16))).reshape(6000, 2, 16).astype(np.float32)
-    order = rng.permutation(6000)
-    q = (base[3, 0] + 1e-3 * rng.standard_normal((2, 16)))[None].astype(np.float32)
-    return feats[order], rng.permutation(6000).astype(np.int64), q
+    n = 100 * n_bases
+    base = 30 + rng.standard_normal((n_bases, 1, 2, 16))
+    feats = (base + 1e-3 * rng.standard_normal((n_bases, 100, 2, 16))).reshape(n, 2, 16).astype(np.float32)
+    q = (base[:8, 0] + 1e-3 * rng.standard_normal((8, 2, 16))).astype(np.float32)
+    return feats[rng.permutation(n)], rng.permutation(n).astype(np.int64), q
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_float32_rounding_does_not_change_the_ranking(backend):
-    feats, ids, q = near_copies(np.random.default_rng(1))
-    expected = brute_force(feats, ids, q, [0, 1], None, 10, 0, np.ones(len(ids), bool), [[]])
+@pytest.mark.parametrize("n_bases, offset", [(60, 0), (10, 70)])  # the latter selects k + offset > N / 16
+def test_float32_rounding_does_not_change_the_ranking(backend, n_bases, offset):
+    feats, ids, q = near_copies(np.random.default_rng(1), n_bases)
+    expected = brute_force(feats, ids, q, [0, 1], None, 10, offset, np.ones(len(ids), bool), [[]] * 8)
     x = feats.reshape(len(ids), 32)
-    scores32 = np.square(x).sum(1, dtype=np.float32) - 2 * (x @ q.reshape(32))
-    assert not np.array_equal(ids[np.lexsort((ids, scores32))[:10]], expected[0][0])  # the trap is real
-    assert_matches(search(store_of(feats, ids, backend), q, [0, 1], 10), expected)
+    scores32 = np.square(x).sum(1, dtype=np.float32) - 2 * (q.reshape(8, 32) @ x.T)  # (8, N)
+    traps = [ids[np.lexsort((ids, s))[offset:offset + 10]] for s in scores32]
+    assert any(not np.array_equal(t, e[0]) for t, e in zip(traps, expected))  # float32 alone fails
+    assert_matches(search(store_of(feats, ids, backend), q, [0, 1], 10, offset=offset), expected)
 
 
 @pytest.mark.parametrize("setting", ["legacy", "per-backend"])
@@ -160,6 +162,17 @@ def test_ties_are_broken_by_id(backend):
     result = search(store_of(feats, ids, backend), feats[9], [1, 3], 3)
     assert_array_equal(result.ids[0], np.sort(ids[9:12]))
     assert_array_equal(result.distances[0], 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_items", [1000, 1001, 1017])
+def test_every_position_is_searched(backend, n_items):
+    # Each of the first and last items, queried by its own vector, is its own nearest neighbour.
+    rng = np.random.default_rng(11)
+    feats, ids = make_data(rng, n_items, 2, 8, dup_fraction=0)
+    q = np.concatenate([feats[:20], feats[-20:]])
+    result = search(store_of(feats, ids, backend), q, [0, 1], 1)
+    assert_array_equal(result.ids[:, 0], np.concatenate([ids[:20], ids[-20:]]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -270,7 +283,7 @@ def test_search_rejects_bad_arguments(kwargs, message):
 
 @pytest.mark.parametrize("args, kwargs, message", [
     ((np.zeros((10, 4), np.float32),), {}, r"\(n_chunks, N, chunk_dim\)"),
-    (([],), {}, "one or more"),
+    (([],), {}, "N >= 1"),
     (([np.zeros((10, 4)), np.zeros((10, 5))],), {}, "one shape"),
     ((np.zeros((2, 0, 4)),), {}, "N >= 1"),
     ((np.zeros((2, 3, 4), complex),), {}, "real"),
