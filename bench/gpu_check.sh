@@ -27,4 +27,4 @@ echo "== encoding: 200K synthetic 178x218 JPEGs -> index"
 timeout 200 python3 bench/encode_bench.py --n 200000 --device cuda --workers 14 --bf16 2>&1 | tail -9 | tee "$OUT/encode.txt"
 
 echo "== search on the GPU: 1M x 8 x 64"
-timeout 120 python3 bench/search_bench.py --device cuda 2>&1 | tail -20 | tee "$OUT/search.txt"
+timeout 120 python3 bench/gpu_search_bench.py --device cuda --n 1000000 2>&1 | tee "$OUT/search.txt"
