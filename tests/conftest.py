@@ -1,11 +1,11 @@
-"""Fixtures shared by the API and web-page tests: a tiny model and a shapes index, built once."""
+"""Fixtures shared across test modules: a tiny trained checkpoint and a shapes index, built once."""
 from pathlib import Path
 
 import pytest
 
 
 @pytest.fixture(scope="session")
-def api_model(tmp_path_factory) -> Path:
+def tiny_model(tmp_path_factory) -> Path:
     """A tiny checkpoint, trained a few steps so its features are not all alike."""
     from disentangle.config import PRESETS, TrainConfig
     from disentangle.train import train
@@ -17,10 +17,10 @@ def api_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def api_index(tmp_path_factory, api_model) -> Path:
+def api_index(tmp_path_factory, tiny_model) -> Path:
     """shapes:600 indexed with the tiny model (16 x 16 images, 8 chunks of 4)."""
     from indexer.build import build_index
 
     out = tmp_path_factory.mktemp("api-idx") / "shapes"
-    build_index("shapes:600", api_model, out)
+    build_index("shapes:600", tiny_model, out)
     return out

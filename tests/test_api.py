@@ -293,7 +293,7 @@ def test_bad_image_requests(client, path, status):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, api_model):
+def folder(tmp_path_factory, tiny_model):
     """A folder dataset with a symlink to an image outside its root, indexed with the tiny model."""
     base = tmp_path_factory.mktemp("folder")
     root, outside = base / "data", base / "outside"
@@ -307,7 +307,7 @@ def folder(tmp_path_factory, api_model):
     (outside / "secret.png").write_bytes(_png(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)))
     (root / "escape.png").symlink_to(outside / "secret.png")
     (root / "attributes.csv").write_text("file,kind,split\nimg0.png,1,val\nimg1.png,2,train\n")
-    build_index(str(root), api_model, base / "idx")
+    build_index(str(root), tiny_model, base / "idx")
     return root, base / "idx"
 
 

@@ -168,12 +168,9 @@ def test_probe_equals_numpy_reference(seed):
 # -- on built indexes ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    from disentangle.train import train
-
-    run = tmp_path_factory.mktemp("run")
-    train(Squares(), PRESETS["tiny"], TrainConfig(steps=3, batch_size=8, figure_every=1000), run)
-    return run / "checkpoint.pt"
+def model(tiny_model) -> Path:
+    """The session's tiny checkpoint (tests/conftest.py)."""
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

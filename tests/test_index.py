@@ -28,13 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    """A tiny checkpoint, trained a few steps so its features are not all alike."""
-    from disentangle.train import train
-
-    run = tmp_path_factory.mktemp("run")
-    train(Squares(), PRESETS["tiny"], TrainConfig(steps=3, batch_size=8, figure_every=1000), run)
-    return run / "checkpoint.pt"
+def model(tiny_model) -> Path:
+    """The session's tiny checkpoint (tests/conftest.py)."""
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
