@@ -81,7 +81,7 @@ def main():
                       "rss_growth_mb": round(rss / 2**20), "store_mb": round(held / 2**20),
                       "raw_features_mb": round(raw / 2**20)}))
     print(f"\nRSS growth / raw feature bytes: {rss / raw:.2f}")
-    print(f"\n| images | import (s) | Index() open (s) | RSS growth on open (MB) | store (MB) | raw features (MB) |")
+    print("\n| images | import (s) | Index() open (s) | RSS growth on open (MB) | store (MB) | raw features (MB) |")
     print("|---|---|---|---|---|---|")
     print(f"| {args.n:,} | {imp:.2f} | {opened:.2f} | {rss / 2**20:.0f} | {held / 2**20:.0f} | {raw / 2**20:.0f} |")
 

@@ -16,7 +16,7 @@ SHARED = Path(os.environ.get("RETRIEVAL_SHARED_DATA",
 FAST = ["--preset", "tiny", "--batch-size", "4", "--figure-every", "2"]
 
 
-def run(*args) -> "click.testing.Result":
+def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 

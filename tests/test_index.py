@@ -11,14 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
 from disentangle.config import PRESETS, TrainConfig
 from disentangle.data import open_dataset
 from indexer import faiss_files
 from indexer.build import build_index
-from retrieval.cli import main
 from disentangle.errors import RetrievalError
 from retrieval.index import Index
 from tests.test_cli import SHARED, fails, ok
