@@ -193,14 +193,15 @@ def _error_bound(store: ChunkStore, q: np.ndarray, sel: list[int], w: np.ndarray
     kk-th + E, and every true top-kk item scores at most the float32 kk-th + 2E in float32:
     that window is re-ranked exactly.
     """
-    qn = np.sqrt(np.square(q[:, sel].astype(np.float64)).sum(-1))  # (Q, |S|)
-    b = ((store._max_norm[sel] + qn) ** 2 * w).sum(1)  # (Q,) Σ_c B_c
+    qs = q[:, sel].astype(np.float64)
+    qn = np.sqrt((qs * qs).sum(-1))  # (Q, |S|)
+    b = np.square(store._max_norm[sel] + qn) @ w  # (Q,) Σ_c B_c
     if not b.max() < _SAFE:  # NaN fails too
         raise RetrievalError("features, queries or weights too large for float32 scores; rescale them")
     m = store.chunk_dim + 2 * len(sel) + 5
     u_in = _torch_input_roundoff() if store.backend == "torch" else 0.0
     ops = len(sel) * (2 * store.chunk_dim + 4)
-    return 2 * ((m * _U / (1 - m * _U) + 2 * u_in) * b + ops * _TINY)
+    return 2 * (m * _U / (1 - m * _U) + 2 * u_in) * b + 2 * ops * _TINY
 
 
 def _torch_input_roundoff() -> float:
@@ -235,7 +236,8 @@ def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray
     if mask is not None:
         np.copyto(acc, np.inf, where=~mask)
     for i, p in enumerate(excl):
-        acc[i, p] = np.inf
+        if len(p):
+            acc[i, p] = np.inf
     return [_select(acc[i], kk[i], e[i]) for i in range(len(q))]
 
 
@@ -392,8 +394,8 @@ def _exclusions(store: ChunkStore, exclude_ids, n_queries: int, valid: np.ndarra
         pos = np.unique(pos[found])
         return pos if valid is None else pos[valid[pos]]
 
-    e = np.asarray([] if exclude_ids is None else exclude_ids)
-    if not e.size:
+    e = None if exclude_ids is None else np.asarray(exclude_ids)
+    if e is None or not e.size:
         return [np.empty(0, np.intp)] * n_queries
     if e.dtype.kind not in "iu" or e.ndim not in (1, 2) or (e.ndim == 2 and len(e) != n_queries):
         raise RetrievalError(f"exclude_ids must be ids excluded for every query, or a ({n_queries}, m) "
