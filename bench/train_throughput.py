@@ -45,8 +45,12 @@ class ReferenceStep:
             loss_g = (x3 - d_fake).abs().mean()
         else:
             loss_g = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+        loss = self.cfg.lambda_m * loss_m + self.cfg.lambda_g * loss_g + self.cfg.lambda_c * loss_c
+        if self.cfg.lambda_rec:  # the presets that also reconstruct x1 and x2 directly
+            x = torch.cat([x1, x2])
+            loss = loss + self.cfg.lambda_rec * ((self.dec(torch.cat([f1, f2])) - x) ** 2).mean()
         self.opt_g.zero_grad()
-        (self.cfg.lambda_m * loss_m + self.cfg.lambda_g * loss_g + self.cfg.lambda_c * loss_c).backward()
+        loss.backward()
         self.opt_g.step()
         x3 = x3.detach()
         d_real, d_fake = self.dsc(x1), self.dsc(x3)

@@ -1,8 +1,8 @@
 """The networks of paper §3.1: encoder, decoder, discriminator, chunk classifier, and the
 mixing/unmixing cycle (Figure 1).
 
-Normalisation follows the authors' released code: instance norm in the encoder and decoder,
-batch norm in the discriminator and classifier.
+Normalisation follows the authors' released code unless a preset says otherwise (ModelConfig.norm,
+.dsc_norm): instance norm in the encoder and decoder, batch norm in the discriminator and classifier.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Encoder(nn.Module):
         # the authors add a LeakyReLU after the encoder's last linear layer
         self.net, out = architecture.build(
             architecture.parse(cfg.encoder), (3, cfg.image_size, cfg.image_size), cfg.feature_dim,
-            norm="instance", activation=cfg.activation, final_activation="lrelu")
+            norm=cfg.norm, activation=cfg.activation, final_activation="lrelu")
         if out != (cfg.feature_dim,):
             raise ValueError(f"{cfg.name}: encoder gives {out}, expected ({cfg.feature_dim},)")
 
@@ -39,7 +39,7 @@ class Decoder(nn.Module):
         # a decoder that opens with a deconvolution reads the feature as a 1x1 map (DCGAN style)
         self.as_map = isinstance(specs[0], architecture.Deconv)
         in_shape = (cfg.feature_dim, 1, 1) if self.as_map else (cfg.feature_dim,)
-        self.net, out = architecture.build(specs, in_shape, 3, norm="instance",
+        self.net, out = architecture.build(specs, in_shape, 3, norm=cfg.norm,
                                            activation=cfg.activation, final_activation="tanh")
         expected = (3, cfg.image_size, cfg.image_size)
         if out != expected:
@@ -59,9 +59,15 @@ class Discriminator(nn.Module):
         if self.began:
             self.net = nn.Sequential(Encoder(cfg), Decoder(cfg))
         else:
+            spectral = cfg.dsc_norm == "spectral"
             self.net, _ = architecture.build(
                 architecture.parse(cfg.discriminator), (3, cfg.image_size, cfg.image_size), 1,
-                norm="batch", activation=cfg.activation, final_activation="none")
+                norm="none" if spectral else "batch", activation=cfg.activation,
+                final_activation="none")
+            if spectral:  # every weight divided by its largest singular value (power iteration)
+                for layer in self.net.modules():
+                    if isinstance(layer, (nn.Conv2d, nn.Linear)):
+                        nn.utils.parametrizations.spectral_norm(layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x) if self.began else self.net(x).squeeze(1)
@@ -92,6 +98,8 @@ class MixingAutoencoder(nn.Module):
     def __init__(self, cfg: ModelConfig, losses: tuple[str, ...] = ("mix", "c", "g")):
         super().__init__()
         self.losses = frozenset(losses)
+        # the authors' direct reconstruction of both inputs next to the mixing cycle (λ_rec > 0)
+        self.pair_rec = cfg.lambda_rec > 0 and "mix" in self.losses
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.classifier = ChunkClassifier(cfg) if "c" in self.losses else None
 
@@ -103,6 +111,8 @@ class MixingAutoencoder(nn.Module):
         f1, f2 = self.encoder(torch.cat([x1, x2])).chunk(2)  # (B, chunks, dim) each
         if "rec" in self.losses:
             out["rec"] = self.decoder(f1)
+        elif self.pair_rec:
+            out["rec"] = self.decoder(torch.cat([f1, f2]))  # x1 then x2 reconstructed
         x3 = self.decoder(mix(f1, f2, mask))  # the mixed image
         out["x3"] = x3
         if "mix" in self.losses:

@@ -84,8 +84,9 @@ class MixingTrainer:
         o = self.ae_step(x1, x2, mask)
         if "x4" in o:
             values["loss_mix"] = losses.mixing_loss(o["x4"].float(), x1)
-        if "rec" in o:
-            values["loss_rec"] = losses.mixing_loss(o["rec"].float(), x1)
+        if "rec" in o:  # the plain autoencoder's x1, or both inputs next to the mixing cycle
+            target = torch.cat([x1, x2]) if self.ae.pair_rec else x1
+            values["loss_rec"] = losses.mixing_loss(o["rec"].float(), target)
         if "cls" in o:
             values["loss_c"] = losses.classifier_loss(o["cls"].float(), mask)
         if self.critic:
@@ -94,7 +95,9 @@ class MixingTrainer:
             values["loss_g"] = (losses.began_energy(x3.float(), dsc(x3).float()) if cfg.gan == "began"
                                 else losses.dcgan_generator_loss(dsc(x3).float()))
             dsc.requires_grad_(True)
-        values["loss_total"] = (cfg.lambda_m * (values.get("loss_mix", 0) + values.get("loss_rec", 0))
+        rec_weight = cfg.lambda_rec if "mix" in self.tc.losses else cfg.lambda_m
+        values["loss_total"] = (cfg.lambda_m * values.get("loss_mix", 0)
+                                + rec_weight * values.get("loss_rec", 0)
                                 + cfg.lambda_g * values.get("loss_g", 0)
                                 + cfg.lambda_c * values.get("loss_c", 0))
         return values, o.get("x3")

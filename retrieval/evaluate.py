@@ -130,6 +130,24 @@ def lift(map_value: float, random_value: float) -> float:
     return (map_value - random_value) / max(1.0 - random_value, 1e-12)
 
 
+def separated_factors(table: dict, n_chunks: int, margin: float = MARGIN, min_lift: float = MIN_LIFT
+                      ) -> dict[str, dict]:
+    """attribute -> {chunk, map, runner_up (chunk), runner_up_map, random} for every attribute
+    that one chunk has to itself: that chunk's lift is >= min_lift and beats the lift of every
+    other chunk on the same attribute by >= margin (the demo's "which factors came apart")."""
+    out = {}
+    for a, row in table.items():
+        maps = np.asarray(row["map"], np.float64)
+        if n_chunks < 2 or np.isnan(maps).any():
+            continue
+        first, second = np.argsort(-maps, kind="stable")[:2]
+        top, next_ = (lift(maps[c], row["random"]) for c in (first, second))
+        if top >= min_lift and top - next_ >= margin:
+            out[a] = {"chunk": int(first), "map": float(maps[first]), "runner_up": int(second),
+                      "runner_up_map": float(maps[second]), "random": row["random"]}
+    return out
+
+
 def suggest_names(table: dict, n_chunks: int, margin: float = MARGIN, min_lift: float = MIN_LIFT
                   ) -> dict[int, str]:
     """chunk -> attribute it retrieves best, when that attribute's lift is >= min_lift and beats
@@ -254,6 +272,7 @@ def evaluate_index(idx: Index, split: str | None = None, *, whole: bool | None =
         "average": {"best": float(np.mean([table[a]["map"][c] for a, c in best.items()])),
                     "random": float(np.mean([v["random"] for v in table.values()]))},
         "suggestions": {} if whole else suggest_names(table, n_chunks),
+        "separated": {} if whole else separated_factors(table, n_chunks),
         "suggestion_rule": {"margin": MARGIN, "min_lift": MIN_LIFT},
     }
     report["table3"] = _probe_report(features, splits, attrs, rows, split, table, best, probe_chunks)

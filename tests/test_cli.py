@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -98,8 +99,17 @@ def test_demo_trains_then_reuses(tmp_path):
     first = ok("demo", "--out", out, "--images", 200, "--steps", 2, "--no-serve")
     assert (out / "run" / "transfer.png").exists() and (out / "index" / "manifest.json").exists()
     assert "average best-chunk mAP" in first.output and "chunk 7:" in first.output
+    assert "factors one chunk holds alone" in first.output
     second = ok("demo", "--out", out, "--images", 200, "--steps", 2, "--no-serve")
     assert "reusing" in second.output and "reusing" not in first.output
+    # a run left by an older demo setting is retrained, not reused under the new name
+    ckpt = torch.load(out / "run" / "checkpoint.pt", weights_only=True)
+    ckpt["model_config"]["lambda_g"] = 1.0 - ckpt["model_config"]["lambda_g"] / 2
+    torch.save(ckpt, out / "run" / "checkpoint.pt")
+    third = ok("demo", "--out", out, "--images", 200, "--steps", 2, "--no-serve")
+    assert "older demo setting" in third.output and "reusing" not in third.output
+    assert torch.load(out / "run" / "checkpoint.pt", weights_only=True)["model_config"]["lambda_g"] != \
+        ckpt["model_config"]["lambda_g"]
 
 
 def test_missing_folder(tmp_path):

@@ -246,7 +246,11 @@ RULES = [
 # the same code path at a size that takes seconds instead of hours.
 BUDGET = {
     "retrieval train ../shared/data/mnist --out runs/mnist": "--steps 2 --batch-size 4",
-    "retrieval train shapes:20000 --out runs/shapes --steps 3000": "--steps 2 --batch-size 4",
+    "retrieval train shapes:20000 --out runs/shapes --steps 2000 --batch-size 32 --mask per-sample --lr 5e-4":
+        "--steps 2 --batch-size 4",
+    # the demo's whole path (generate, train, index, evaluate, name) on 200 shapes for 2 steps
+    "retrieval demo --no-serve": "--steps 2 --images 200",
+    "retrieval demo --no-serve --fresh": "--steps 2 --images 200",
     # the two variants that later lines read: mix (the transfer figure), mix+c+g (STAND_INS)
     "OMP_NUM_THREADS=1 retrieval ablate shapes:20000 --preset shapes --steps 1000 --batch-size 16 --seed 0 "
     "--out runs/ablation-shapes": "--steps 2 --batch-size 4 --variants mix,mix+c+g",
@@ -569,7 +573,7 @@ def test_every_command_has_a_rule_and_runs_have_a_budget():
     runs = {c.text for c in COMMANDS if rule_for(c).run}
     assert set(BUDGET) <= runs, f"BUDGET names lines no doc runs any more: {set(BUDGET) - runs}"
     slow = [c.id for c in COMMANDS if rule_for(c).run and c.text not in BUDGET
-            and (c.program not in ("retrieval", "curl") or c.args[0] in ("train", "ablate"))]
+            and (c.program not in ("retrieval", "curl") or c.args[0] in ("train", "ablate", "demo"))]
     assert not slow, f"these would train or benchmark at full size: give them a BUDGET: {slow}"
 
 

@@ -14,7 +14,8 @@ from disentangle import checkpoint
 from disentangle.config import PRESETS, TrainConfig
 from indexer import faiss_files
 from indexer.build import build_index
-from retrieval.evaluate import hinge_bias, map_table, probe, query_ap, random_ap, suggest_names
+from retrieval.evaluate import (hinge_bias, map_table, probe, query_ap, random_ap, separated_factors,
+                                 suggest_names)
 from retrieval.index import Index
 from tests.test_cli import fails, ok
 from tests.test_train import Squares
@@ -133,6 +134,18 @@ def test_suggested_names_need_a_margin_and_go_to_the_best_chunk():
     # lifts: chunk 0 shape .87 / colour 0 -> shape; chunk 1 .47 / .44 -> too close;
     # chunk 2 .07 / .06 -> too weak; chunk 3 shape .33 / 0 but chunk 0 holds shape
     assert suggest_names(table, 4) == {0: "shape"}
+
+
+def test_separated_factors_need_one_chunk_clearly_ahead_of_the_others():
+    table = {"shape": {"map": [0.9, 0.6, 0.30, 0.5], "random": 0.25},    # lifts .87 vs .47: apart
+             "colour": {"map": [0.2, 0.55, 0.50, 0.2], "random": 0.2},   # .44 vs .38: two chunks
+             "x": {"map": [0.2, 0.2, 0.21, 0.26], "random": 0.2},        # .075: too close to random
+             "y": {"map": [0.2, 0.2, 0.21, 0.40], "random": 0.2}}        # .25 vs .0125: apart
+    got = separated_factors(table, 4)
+    assert list(got) == ["shape", "y"]
+    assert got["shape"] == {"chunk": 0, "map": 0.9, "runner_up": 1, "runner_up_map": 0.6, "random": 0.25}
+    assert got["y"]["chunk"] == 3 and got["y"]["runner_up"] == 2
+    assert separated_factors(table, 1) == {}  # one chunk: nothing to be ahead of
 
 
 @pytest.mark.parametrize("seed", range(40))
