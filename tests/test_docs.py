@@ -439,7 +439,10 @@ def check_make(cmd: Command) -> None:
     """`make -n` (prints, runs nothing) must end in the call the docs promise."""
     if shutil.which("make") is None:
         pytest.fail("make is not installed: apt-get install make")
-    dry = subprocess.run(["make", "-n", *cmd.args], cwd=REPO, capture_output=True, text=True)
+    # under `make test` the parent's MAKEFLAGS/MAKELEVEL make the child print "Entering directory"
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    dry = subprocess.run(["make", "--no-print-directory", "-n", *cmd.args], cwd=REPO, capture_output=True,
+                         text=True, env=env)
     assert dry.returncode == 0, dry.stdout + dry.stderr
     expected = MAKE_CALLS.get(cmd.args[0])
     assert expected, f"`make {cmd.args[0]}`: add to MAKE_CALLS what its recipe must end by calling"
