@@ -124,6 +124,8 @@ def test_existing_run_is_not_overwritten(tmp_path):
 def test_resume_with_another_preset_is_refused(tmp_path):
     train(Squares(), TINY, _config(steps=1), tmp_path)
     with pytest.raises(RetrievalError, match="same --preset"):
+        train(Squares(), replace(TINY, name="other"), _config(steps=2), tmp_path, resume=True)
+    with pytest.raises(RetrievalError, match=r"older definition of preset 'tiny' \(differs in chunk_dim\)"):
         train(Squares(), replace(TINY, chunk_dim=2), _config(steps=2), tmp_path, resume=True)
 
 
