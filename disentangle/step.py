@@ -95,7 +95,7 @@ class MixingTrainer:
             values["loss_g"] = (losses.began_energy(x3.float(), dsc(x3).float()) if cfg.gan == "began"
                                 else losses.dcgan_generator_loss(dsc(x3).float()))
             dsc.requires_grad_(True)
-        rec_weight = cfg.lambda_rec if "mix" in self.tc.losses else cfg.lambda_m
+        rec_weight = cfg.lambda_rec if self.ae.pair_rec else cfg.lambda_m
         values["loss_total"] = (cfg.lambda_m * values.get("loss_mix", 0)
                                 + rec_weight * values.get("loss_rec", 0)
                                 + cfg.lambda_g * values.get("loss_g", 0)

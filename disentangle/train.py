@@ -117,7 +117,8 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
         saved = ModelConfig.from_dict(ckpt["model_config"])
         if saved != cfg:
             if saved.name == cfg.name:  # the preset's definition changed since that run began
-                changed = ", ".join(k for k, v in saved.to_dict().items() if cfg.to_dict()[k] != v)
+                now = cfg.to_dict()
+                changed = ", ".join(k for k, v in saved.to_dict().items() if now[k] != v)
                 raise RetrievalError(f"{ckpt_path} was trained with an older definition of preset "
                                      f"{cfg.name!r} (differs in {changed}); start a new run in another --out")
             raise RetrievalError(f"{ckpt_path} was trained with preset {saved.name!r}, not {cfg.name!r}; "

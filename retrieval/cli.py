@@ -164,7 +164,7 @@ def demo(out, images, steps, fresh, no_serve, host, port):
     ds = _open_data(spec, cfg.image_size, "shapes", skip_bad=False)
     saved = checkpoint.load(run / "checkpoint.pt") if (run / "checkpoint.pt").exists() else None
     if saved is not None and (saved["model_config"] != cfg.to_dict()
-                              or saved["train_config"]["lr"] != DEMO_TRAINING["lr"]):
+                              or any(saved["train_config"][k] != v for k, v in DEMO_TRAINING.items())):
         click.echo(f"      {run} holds a model of an older demo setting; training a new one", err=True)
         shutil.rmtree(run)
         saved = None

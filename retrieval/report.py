@@ -63,13 +63,13 @@ def table3_markdown(report: dict) -> str:
                           rows)
 
 
-def separated_lines(report: dict) -> list[str]:
-    """One line per factor that a single chunk holds clearly ahead of the others."""
+def separated_lines(report: dict, bullet: str = "  ") -> list[str]:
+    """A heading, then one line per factor that a single chunk holds clearly ahead of the others."""
     rule = report["suggestion_rule"]
     sep = report.get("separated", {})
     head = (f"factors one chunk holds alone ({len(sep)} of {len(report['attributes'])}; its lift over "
             f"random >= {rule['min_lift']} and >= {rule['margin']} above every other chunk's):")
-    return [head] + [f"  {a}: chunk {v['chunk']} mAP {v['map']:.3f}, next chunk {v['runner_up']} "
+    return [head] + [f"{bullet}{a}: chunk {v['chunk']} mAP {v['map']:.3f}, next chunk {v['runner_up']} "
                      f"{v['runner_up_map']:.3f}, random {v['random']:.3f}" for a, v in sep.items()]
 
 
@@ -88,8 +88,7 @@ def report_markdown(report: dict) -> str:
     if report["excluded"]:
         lines += [f"Left out: {', '.join(report['excluded'])}.", ""]
     if not report["whole_feature"]:
-        lines += [line.strip() if i == 0 else "-" + line[1:] for i, line in enumerate(separated_lines(report))]
-        lines += [""]
+        lines += [*separated_lines(report, bullet="- "), ""]
     lines += ["## Linear probe (paper Table 3 protocol)", "",
               f"Eq. 5 weights on standardised features, bias by hinge loss, fit on split "
               f"{report['table3']['fit_split'] or 'all images'}, accuracy on {split}.", "",

@@ -1,5 +1,6 @@
 """Mixing/unmixing semantics (paper §3.1 steps 1-6) and the losses."""
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -75,8 +76,6 @@ def test_began_k_is_clipped():
 def test_pair_reconstruction_adds_lambda_rec_times_both_errors():
     """λ_rec > 0 on a mixing variant: the total gains λ_rec · mean(‖Dec(Enc(x))−x‖²) over x1 and x2,
     checked against a float64 recomputation from the encoder and decoder."""
-    from dataclasses import replace
-
     from disentangle.config import TrainConfig
     from disentangle.step import MixingTrainer
 
@@ -101,8 +100,6 @@ def test_pair_reconstruction_adds_lambda_rec_times_both_errors():
 
 
 def test_spectral_discriminator_weights_have_unit_spectral_norm():
-    from dataclasses import replace
-
     from disentangle.model import Discriminator
 
     torch.manual_seed(3)
@@ -118,8 +115,6 @@ def test_spectral_discriminator_weights_have_unit_spectral_norm():
 
 
 def test_unknown_discriminator_norm_is_refused():
-    from dataclasses import replace
-
     from disentangle.errors import RetrievalError
 
     with pytest.raises(RetrievalError, match="dsc_norm"):
@@ -131,8 +126,6 @@ def test_unknown_discriminator_norm_is_refused():
 @pytest.mark.parametrize("norm, layer", [("instance", torch.nn.InstanceNorm2d),
                                          ("batch", torch.nn.BatchNorm2d), ("none", None)])
 def test_encoder_and_decoder_use_the_configured_norm(norm, layer):
-    from dataclasses import replace
-
     model = MixingAutoencoder(replace(PRESETS["tiny"], norm=norm))
     for net in (model.encoder, model.decoder):
         found = {type(m) for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)}
