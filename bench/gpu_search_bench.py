@@ -44,7 +44,7 @@ def main():
     feats = rng.standard_normal((N_CHUNKS, args.n, DIM), dtype=np.float32)
     store = ChunkStore(feats, backend="torch", device=args.device)
     big = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
-    copy = median_time(lambda: big.clone(), device, args.repeats)
+    copy = median_time(big.clone, device, args.repeats)
     bandwidth = 2 * big.numel() * 4 / copy  # read + write
     del big
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"

@@ -80,7 +80,7 @@ def bench(n: int, repeats: int, src: np.ndarray, dst: np.ndarray) -> list[str]:
                 "ours": lambda: search(store, q, sel, K),
                 "ours, code warm": lambda: search(store, q, sel, K),
                 "matmul": lambda: [np.matmul(q[:, c], x[c].T, out=scores) for c in sel],
-                "faiss": lambda: faiss.knn(xq, xb, K),
+                "faiss": lambda xb=xb: faiss.knn(xq, xb, K),
                 "naive": lambda: naive(x, q, sel, K),
             }
             times, copies = {m: [] for m in methods}, []
