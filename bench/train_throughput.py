@@ -36,7 +36,8 @@ class ReferenceStep:
         f1, f2 = self.enc(x1), self.enc(x2)
         mm = m.float()[None, :, None]
         x3 = self.dec(mm * f1 + (1 - mm) * f2)
-        x4 = self.dec(mm * self.enc(x3) + (1 - mm) * f1)
+        f3 = self.enc(x3)
+        x4 = self.dec(mm * f3 + (1 - mm) * f1)
         loss_m = ((x4 - x1) ** 2).mean()
         logits = self.cls(x1, x2, x3)
         loss_c = F.binary_cross_entropy_with_logits(logits, m.float().expand_as(logits))
@@ -46,17 +47,25 @@ class ReferenceStep:
         else:
             loss_g = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
         loss = self.cfg.lambda_m * loss_m + self.cfg.lambda_g * loss_g + self.cfg.lambda_c * loss_c
+        real = x1
         if self.cfg.lambda_rec:  # the presets that also reconstruct x1 and x2 directly
             x = torch.cat([x1, x2])
-            loss = loss + self.cfg.lambda_rec * ((self.dec(torch.cat([f1, f2])) - x) ** 2).mean()
+            rec = self.dec(torch.cat([f1, f2]))
+            loss = loss + self.cfg.lambda_rec * ((rec - x) ** 2).mean()
+            if self.cfg.critic_real == "reconstruction":
+                real = rec[: len(x1)].detach()
+        if self.cfg.lambda_feat:  # the latent cycle on the mixed image
+            f = torch.cat([f1, f2]).flatten(1)
+            cycle = ((f3 - (mm * f1 + (1 - mm) * f2)) ** 2).mean() / f.var(0).mean()
+            loss = loss + self.cfg.lambda_feat * cycle
         self.opt_g.zero_grad()
         loss.backward()
         self.opt_g.step()
         x3 = x3.detach()
-        d_real, d_fake = self.dsc(x1), self.dsc(x3)
+        d_real, d_fake = self.dsc(real), self.dsc(x3)
         if self.cfg.gan == "began":
             k = 0.0  # BEGAN's k_0; its value does not change the cost of the step
-            loss_d = (x1 - d_real).abs().mean() - k * (x3 - d_fake).abs().mean()
+            loss_d = (real - d_real).abs().mean() - k * (x3 - d_fake).abs().mean()
         else:
             loss_d = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
                       + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))

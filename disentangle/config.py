@@ -41,12 +41,24 @@ class ModelConfig:
     # DCGAN discriminator normalisation: "batch" (the authors' code) or "spectral" (Miyato et
     # al. 2018), which bounds how steeply the critic's verdict can change with the image.
     dsc_norm: str = "batch"
+    # Not in Eq. 4: MUNIT's latent cycle (Huang et al. 2018) on the mixed image,
+    # λ_feat · mean‖Enc(x3) − mix(f1, f2)‖² over the mean per-dimension variance of f1 and f2.
+    # Eq. 1 only checks what the decoder reads from a chunk; this also penalises what a chunk
+    # carries without controlling it. 0 = the paper's objective.
+    lambda_feat: float = 0.0
+    # What the critic is shown as real: "data" (Eq. 2) or "reconstruction", Dec(Enc(x1)), so
+    # that it can tell mixed images only by mixing artefacts, never by the decoder's blur.
+    critic_real: str = "data"
 
     def __post_init__(self):
         if self.norm not in ("instance", "batch", "none"):
             raise RetrievalError(f"norm must be 'instance', 'batch' or 'none', not {self.norm!r}")
         if self.dsc_norm not in ("batch", "spectral"):
             raise RetrievalError(f"dsc_norm must be 'batch' or 'spectral', not {self.dsc_norm!r}")
+        if self.critic_real not in ("data", "reconstruction"):
+            raise RetrievalError(f"critic_real must be 'data' or 'reconstruction', not {self.critic_real!r}")
+        if self.lambda_feat < 0:
+            raise RetrievalError(f"lambda_feat must be >= 0, not {self.lambda_feat}")
 
     @property
     def feature_dim(self) -> int:

@@ -12,6 +12,14 @@ def mixing_loss(x4: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(x4, x1)
 
 
+def latent_cycle_loss(f3: torch.Tensor, target: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """MUNIT's latent reconstruction: mean squared error between the mixed image's features and
+    the mixed code, over the mean per-dimension variance of the batch's features, so that
+    shrinking every feature cannot lower it."""
+    scale = features.flatten(1).var(0).mean().clamp_min(1e-8)
+    return F.mse_loss(f3, target) / scale
+
+
 def classifier_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """L_C: per-chunk binary cross-entropy; the target is 1 where the chunk came from x1."""
     target = mask.to(logits.dtype).expand_as(logits)  # a per-batch mask applies to every pair

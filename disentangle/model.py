@@ -100,6 +100,8 @@ class MixingAutoencoder(nn.Module):
         self.losses = frozenset(losses)
         # the authors' direct reconstruction of both inputs next to the mixing cycle (λ_rec > 0)
         self.pair_rec = cfg.lambda_rec > 0 and "mix" in self.losses
+        self.latent_cycle = cfg.lambda_feat > 0 and "mix" in self.losses
+        self.critic_on_rec = cfg.critic_real == "reconstruction" and "g" in self.losses
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.classifier = ChunkClassifier(cfg) if "c" in self.losses else None
 
@@ -113,11 +115,20 @@ class MixingAutoencoder(nn.Module):
             out["rec"] = self.decoder(f1)
         elif self.pair_rec:
             out["rec"] = self.decoder(torch.cat([f1, f2]))  # x1 then x2 reconstructed
-        x3 = self.decoder(mix(f1, f2, mask))  # the mixed image
+        mixed = mix(f1, f2, mask)
+        x3 = self.decoder(mixed)  # the mixed image
         out["x3"] = x3
         if "mix" in self.losses:
             f3 = self.encoder(x3)
             out["x4"] = self.decoder(mix(f3, f1, mask))  # unmixed: should give x1 back
+            if self.latent_cycle:
+                out["f3"], out["f_mixed"], out["f_pair"] = f3, mixed, torch.cat([f1, f2])
+        if self.critic_on_rec:  # the critic's real side: x1 as the decoder draws it
+            if "rec" in out:
+                out["critic_real"] = out["rec"][: len(x1)].detach()
+            else:
+                with torch.no_grad():
+                    out["critic_real"] = self.decoder(f1)
         if self.classifier is not None:
             out["cls"] = self.classifier(x1, x2, x3)
         return out

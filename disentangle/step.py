@@ -79,7 +79,8 @@ class MixingTrainer:
                 group["lr"] = lr
 
     def _generator_losses(self, x1: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor
-                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The losses of the autoencoder side, and the forward's outputs for the critic step."""
         cfg, values = self.cfg, {}
         o = self.ae_step(x1, x2, mask)
         if "x4" in o:
@@ -87,6 +88,9 @@ class MixingTrainer:
         if "rec" in o:  # the plain autoencoder's x1, or both inputs next to the mixing cycle
             target = torch.cat([x1, x2]) if self.ae.pair_rec else x1
             values["loss_rec"] = losses.mixing_loss(o["rec"].float(), target)
+        if "f3" in o:
+            values["loss_feat"] = losses.latent_cycle_loss(o["f3"].float(), o["f_mixed"].float(),
+                                                           o["f_pair"].float())
         if "cls" in o:
             values["loss_c"] = losses.classifier_loss(o["cls"].float(), mask)
         if self.critic:
@@ -99,8 +103,9 @@ class MixingTrainer:
         values["loss_total"] = (cfg.lambda_m * values.get("loss_mix", 0)
                                 + rec_weight * values.get("loss_rec", 0)
                                 + cfg.lambda_g * values.get("loss_g", 0)
-                                + cfg.lambda_c * values.get("loss_c", 0))
-        return values, o.get("x3")
+                                + cfg.lambda_c * values.get("loss_c", 0)
+                                + cfg.lambda_feat * values.get("loss_feat", 0))
+        return values, o
 
     def step(self, x1: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """One autoencoder step then one discriminator step; returns the losses (detached).
@@ -110,7 +115,7 @@ class MixingTrainer:
         x1 = x1.contiguous(memory_format=self.memory_format)
         x2 = x2.contiguous(memory_format=self.memory_format)
         with self.autocast:
-            values, x3 = self._generator_losses(x1, x2, mask)
+            values, o = self._generator_losses(x1, x2, mask)
         total = values["loss_total"]
         if not math.isfinite(total.item()):
             raise RetrievalError(f"the loss became {total.item()}")
@@ -118,12 +123,12 @@ class MixingTrainer:
         total.backward()
         self.opt_ae.step()
 
-        if self.critic:  # the discriminator tells real x1 from mixed x3
-            fake = x3.detach()
+        if self.critic:  # the discriminator tells real x1 (or its reconstruction) from mixed x3
+            fake, real = o["x3"].detach(), o.get("critic_real", x1)
             with self.autocast:
-                real_out, fake_out = self.critic_step(x1, fake)
+                real_out, fake_out = self.critic_step(real, fake)
                 if self.cfg.gan == "began":
-                    e_real = losses.began_energy(x1, real_out.float())
+                    e_real = losses.began_energy(real, real_out.float())
                     e_fake = losses.began_energy(fake, fake_out.float())
                     loss_d = losses.began_discriminator_loss(e_real, e_fake, self.began_k)
                 else:

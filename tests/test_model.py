@@ -99,6 +99,59 @@ def test_pair_reconstruction_adds_lambda_rec_times_both_errors():
     assert "loss_rec" not in plain._generator_losses(x1, x2, mask)[0]
 
 
+def test_latent_cycle_adds_lambda_feat_times_the_normalised_feature_error():
+    """λ_feat > 0: the total gains λ_feat · mean‖Enc(x3) − mix(f1, f2)‖² / mean var(f), checked
+    against a float64 recomputation; the paper's presets compute no such term."""
+    from disentangle.config import TrainConfig
+    from disentangle.step import MixingTrainer
+
+    torch.manual_seed(4)
+    cfg = replace(PRESETS["tiny"], lambda_feat=2.0, lambda_m=0.5)
+    trainer = MixingTrainer(cfg, TrainConfig(variant="mix"), torch.device("cpu"))
+    x1, x2 = torch.rand(6, 3, 16, 16) * 2 - 1, torch.rand(6, 3, 16, 16) * 2 - 1
+    mask = torch.randint(0, 2, (6, 8)).bool()
+    values, _ = trainer._generator_losses(x1, x2, mask)
+    ae = trainer.ae.double()
+    with torch.no_grad():
+        f1, f2 = ae.encode(x1.double()), ae.encode(x2.double())
+        target = mix(f1, f2, mask)
+        f3 = ae.encode(ae.decode(target))
+        mixing = ((ae.decode(mix(f3, f1, mask)) - x1.double()) ** 2).mean().item()
+        f = torch.cat([f1, f2]).flatten(1).numpy()
+        feat = ((f3 - target) ** 2).mean().item() / f.var(0, ddof=1).mean()
+    assert values["loss_feat"].item() == pytest.approx(feat, rel=1e-4)
+    assert values["loss_total"].item() == pytest.approx(0.5 * mixing + 2.0 * feat, rel=1e-4)
+    plain = MixingTrainer(PRESETS["tiny"], TrainConfig(variant="mix"), torch.device("cpu"))
+    assert "loss_feat" not in plain._generator_losses(x1, x2, mask)[0]
+
+
+@pytest.mark.parametrize("lambda_rec", [0.0, 1.0])
+def test_critic_can_be_shown_reconstructions_as_real(lambda_rec):
+    """critic_real='reconstruction': the critic's real input is Dec(Enc(x1)), not x1, whether or not
+    the variant reconstructs x1 for its own loss; 'data' keeps Eq. 2's x1."""
+    import copy
+
+    from disentangle.config import TrainConfig
+    from disentangle.step import MixingTrainer
+
+    x1, x2 = torch.rand(4, 3, 16, 16) * 2 - 1, torch.rand(4, 3, 16, 16) * 2 - 1
+    mask = torch.randint(0, 2, (4, 8)).bool()
+    for critic_real in ("reconstruction", "data"):
+        torch.manual_seed(5)
+        cfg = replace(PRESETS["tiny"], critic_real=critic_real, lambda_rec=lambda_rec, norm="batch")
+        trainer = MixingTrainer(cfg, TrainConfig(variant="mix+c+g"), torch.device("cpu"))
+        before = copy.deepcopy(trainer.ae)  # the step changes the weights after the forward
+        with torch.no_grad():
+            f1 = before.encode(torch.cat([x1, x2]))
+            rec = before.decode(f1 if lambda_rec else f1[:4])[:4]  # batch norm sees the same batch
+        seen = []
+        critic = trainer.critic_step
+        trainer.critic_step = lambda real, fake: seen.append(real.detach().clone()) or critic(real, fake)
+        trainer.step(x1, x2, mask)
+        expected = rec if critic_real == "reconstruction" else x1
+        torch.testing.assert_close(seen[0], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_spectral_discriminator_weights_have_unit_spectral_norm():
     from disentangle.model import Discriminator
 
@@ -121,6 +174,10 @@ def test_unknown_discriminator_norm_is_refused():
         replace(PRESETS["tiny"], dsc_norm="layer")
     with pytest.raises(RetrievalError, match="norm must be"):
         replace(PRESETS["tiny"], norm="layer")
+    with pytest.raises(RetrievalError, match="critic_real"):
+        replace(PRESETS["tiny"], critic_real="mixed")
+    with pytest.raises(RetrievalError, match="lambda_feat"):
+        replace(PRESETS["tiny"], lambda_feat=-1.0)
 
 
 @pytest.mark.parametrize("norm, layer", [("instance", torch.nn.InstanceNorm2d),
