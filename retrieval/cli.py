@@ -9,7 +9,7 @@ import click
 
 from disentangle.errors import RetrievalError
 
-DEMO_STEPS = 2000  # about 9 minutes on 2 CPU cores (0.27 s a step, docs/results.md)
+DEMO_STEPS = 4000  # about 7 minutes on 2 CPU cores (0.11 s a step, docs/results.md)
 # the demo's training options (docs/results.md, "the demo's setting"): per-sample masks and a
 # higher learning rate than the paper's 2e-4 let the small shapes networks train in minutes
 DEMO_TRAINING = {"batch_size": 32, "mask": "per-sample", "lr": 5e-4}
