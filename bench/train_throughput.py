@@ -47,13 +47,14 @@ class ReferenceStep:
         else:
             loss_g = F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
         loss = self.cfg.lambda_m * loss_m + self.cfg.lambda_g * loss_g + self.cfg.lambda_c * loss_c
-        real = x1
+        rec = None
         if self.cfg.lambda_rec:  # the presets that also reconstruct x1 and x2 directly
             x = torch.cat([x1, x2])
             rec = self.dec(torch.cat([f1, f2]))
             loss = loss + self.cfg.lambda_rec * ((rec - x) ** 2).mean()
-            if self.cfg.critic_real == "reconstruction":
-                real = rec[: len(x1)].detach()
+        real = x1
+        if self.cfg.critic_real == "reconstruction":  # the critic's real side: Dec(Enc(x1))
+            real = (rec[: len(x1)] if rec is not None else self.dec(f1)).detach()
         if self.cfg.lambda_feat:  # the latent cycle on the mixed image
             f = torch.cat([f1, f2]).flatten(1)
             cycle = ((f3 - (mm * f1 + (1 - mm) * f2)) ** 2).mean() / f.var(0).mean()

@@ -110,11 +110,12 @@ class MixingAutoencoder(nn.Module):
         if self.losses == {"rec"}:  # the plain autoencoder needs no second image
             out["rec"] = self.decoder(self.encoder(x1))
             return out
-        f1, f2 = self.encoder(torch.cat([x1, x2])).chunk(2)  # (B, chunks, dim) each
+        f = self.encoder(torch.cat([x1, x2]))
+        f1, f2 = f.chunk(2)  # (B, chunks, dim) each
         if "rec" in self.losses:
             out["rec"] = self.decoder(f1)
         elif self.pair_rec:
-            out["rec"] = self.decoder(torch.cat([f1, f2]))  # x1 then x2 reconstructed
+            out["rec"] = self.decoder(f)  # x1 then x2 reconstructed
         mixed = mix(f1, f2, mask)
         x3 = self.decoder(mixed)  # the mixed image
         out["x3"] = x3
@@ -122,7 +123,7 @@ class MixingAutoencoder(nn.Module):
             f3 = self.encoder(x3)
             out["x4"] = self.decoder(mix(f3, f1, mask))  # unmixed: should give x1 back
             if self.latent_cycle:
-                out["f3"], out["f_mixed"], out["f_pair"] = f3, mixed, torch.cat([f1, f2])
+                out["f3"], out["f_mixed"], out["f_pair"] = f3, mixed, f
         if self.critic_on_rec:  # the critic's real side: x1 as the decoder draws it
             if "rec" in out:
                 out["critic_real"] = out["rec"][: len(x1)].detach()
