@@ -143,6 +143,7 @@ class TrainConfig:
     steps: int = 100_000
     batch_size: int = 64          # pairs per step and process
     lr: float = 2e-4              # Adam, all three networks
+    critic_lr_scale: float = 1.0  # the critic's lr = lr x this (TTUR, Heusel et al. 2017)
     beta1: float = 0.5
     lr_decay: float = 0.9         # staircase: lr x 0.9 every 20k steps
     lr_decay_every: int = 20_000
@@ -161,6 +162,8 @@ class TrainConfig:
             raise RetrievalError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if self.mask not in ("per-batch", "per-sample"):
             raise RetrievalError(f"unknown mask mode {self.mask!r}; choose per-batch or per-sample")
+        if not self.critic_lr_scale > 0:
+            raise RetrievalError(f"--critic-lr-scale must be > 0, got {self.critic_lr_scale}")
         if self.steps < 0 or self.batch_size < 1:
             raise RetrievalError("--steps must be >= 0 and --batch-size >= 1")
         object.__setattr__(self, "losses", tuple(sorted(VARIANTS[self.variant])))

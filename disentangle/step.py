@@ -51,7 +51,8 @@ class MixingTrainer:
         # one fused kernel per optimiser step instead of one per parameter tensor (CUDA only)
         adam = dict(lr=tc.lr, betas=(tc.beta1, 0.999), fused=device.type == "cuda")
         self.opt_ae = torch.optim.Adam(self.ae.parameters(), **adam)
-        self.opt_d = torch.optim.Adam(self.critic.parameters(), **adam) if self.critic else None
+        self.opt_d = (torch.optim.Adam(self.critic.parameters(), **{**adam, "lr": tc.lr * tc.critic_lr_scale})
+                      if self.critic else None)
         self.began_k = 0.0
         self.ae_step = _ddp(self.ae) if distributed else self.ae
         self.critic_step = _ddp(self.critic) if distributed and self.critic else self.critic
@@ -74,9 +75,10 @@ class MixingTrainer:
         self.began_k = state["began_k"]
 
     def set_lr(self, lr: float) -> None:
-        for opt in filter(None, (self.opt_ae, self.opt_d)):
-            for group in opt.param_groups:
-                group["lr"] = lr
+        """The autoencoder's learning rate; the critic's follows at critic_lr_scale times it."""
+        for opt, scale in ((self.opt_ae, 1.0), (self.opt_d, self.tc.critic_lr_scale)):
+            for group in opt.param_groups if opt else ():
+                group["lr"] = lr * scale
 
     def _generator_losses(self, x1: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor
                           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from disentangle import checkpoint
+from disentangle.data.shapes import RENDERING
 from retrieval.cli import main
 
 SHARED = Path(os.environ.get("RETRIEVAL_SHARED_DATA",
@@ -50,8 +51,9 @@ def _train_and_resume(data, out, *extra):
 
 
 def test_train_on_shapes(tmp_path):
-    ckpt = _train_and_resume("shapes:200", tmp_path / "run")
-    assert ckpt["data"] == {"spec": "shapes:200", "format": "shapes"}
+    ckpt = _train_and_resume("shapes:200", tmp_path / "run", "--critic-lr-scale", 2)
+    assert ckpt["data"] == {"spec": "shapes:200", "format": "shapes", "rendering": RENDERING}
+    assert ckpt["train_config"]["critic_lr_scale"] == 2
 
 
 def test_train_on_the_real_sprites(tmp_path):
@@ -110,6 +112,14 @@ def test_demo_trains_then_reuses(tmp_path):
     assert "older demo setting" in third.output and "reusing" not in third.output
     assert torch.load(out / "run" / "checkpoint.pt", weights_only=True)["model_config"]["lambda_g"] != \
         ckpt["model_config"]["lambda_g"]
+    # so is a model of shapes drawn by an older rendering (same factors, other pixels)
+    ckpt = torch.load(out / "run" / "checkpoint.pt", weights_only=True)
+    ckpt["data"]["rendering"] -= 1
+    torch.save(ckpt, out / "run" / "checkpoint.pt")
+    fourth = ok("demo", "--out", out, "--images", 200, "--steps", 2, "--no-serve")
+    assert "older demo setting" in fourth.output and "reusing" not in fourth.output
+    assert torch.load(out / "run" / "checkpoint.pt", weights_only=True)["data"]["rendering"] == \
+        ckpt["data"]["rendering"] + 1
 
 
 def test_missing_folder(tmp_path):

@@ -246,7 +246,8 @@ RULES = [
 # the same code path at a size that takes seconds instead of hours.
 BUDGET = {
     "retrieval train ../shared/data/mnist --out runs/mnist": "--steps 2 --batch-size 4",
-    "retrieval train shapes:20000 --out runs/shapes --steps 4000 --batch-size 32 --mask per-sample --lr 5e-4":
+    "retrieval train shapes:20000 --out runs/shapes --steps 4000 --batch-size 32 --mask per-sample --lr 5e-4 "
+    "--critic-lr-scale 4":
         "--steps 2 --batch-size 4",
     # the demo's whole path (generate, train, index, evaluate, name) on 200 shapes for 2 steps
     "retrieval demo --no-serve": "--steps 2 --images 200",

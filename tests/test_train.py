@@ -92,15 +92,28 @@ def _assert_same(a, b, where="state"):
         assert a == b, where
 
 
-@pytest.mark.parametrize("variant,mask", [("mix+c+g", "per-sample"), ("ae+c+g", "per-batch")])
-def test_resume_equals_an_uninterrupted_run(tmp_path, variant, mask):
+@pytest.mark.parametrize("variant,mask,critic_lr_scale",
+                         [("mix+c+g", "per-sample", 4.0), ("ae+c+g", "per-batch", 1.0)])
+def test_resume_equals_an_uninterrupted_run(tmp_path, variant, mask, critic_lr_scale):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    cfg = _config(variant=variant, mask=mask)
+    cfg = _config(variant=variant, mask=mask, critic_lr_scale=critic_lr_scale)
     train(Squares(), TINY, cfg, whole)
     train(Squares(), TINY, replace(cfg, steps=3), split)
     train(Squares(), TINY, cfg, split, resume=True)
     _assert_same(_all_state(whole), _all_state(split))
     assert [r["loss_total"] for r in _rows(whole)] == [r["loss_total"] for r in _rows(split)]
+
+
+def test_critic_learning_rate_is_a_multiple_of_the_decayed_one(tmp_path):
+    cfg = _config(steps=5, lr=1e-3, lr_decay=0.5, lr_decay_every=2, critic_lr_scale=4.0)
+    train(Squares(), TINY, cfg, tmp_path)
+    opts = checkpoint.load(tmp_path / "checkpoint.pt")["optimizers"]
+    last = 1e-3 * 0.5 ** 2  # the lr of step 4, the last one run
+    assert [g["lr"] for g in opts["autoencoder"]["param_groups"]] == pytest.approx([last])
+    assert [g["lr"] for g in opts["discriminator"]["param_groups"]] == pytest.approx([4 * last])
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(RetrievalError, match="critic-lr-scale must be > 0"):
+            _config(critic_lr_scale=bad)
 
 
 def test_resume_of_began_carries_k(tmp_path):
