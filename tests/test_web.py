@@ -40,7 +40,15 @@ def base_url(api_index, tmp_path_factory):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.effective_port}"
-    server.close()
+
+    # close every socket from the loop's own thread: closed from here, a select() already waiting
+    # on them fails with EBADF; with its map empty the loop returns
+    def close_all():
+        for channel in list(server._map.values()):
+            channel.close()
+    server.trigger.pull_trigger(close_all)
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "waitress's loop did not stop"
     server.task_dispatcher.shutdown()
 
 
