@@ -151,21 +151,30 @@ def separated_factors(table: dict, n_chunks: int, margin: float = MARGIN, min_li
 def suggest_names(table: dict, n_chunks: int, margin: float = MARGIN, min_lift: float = MIN_LIFT
                   ) -> dict[int, str]:
     """chunk -> attribute it retrieves best, when that attribute's lift is >= min_lift and beats
-    the chunk's runner-up attribute by >= margin; each attribute goes to at most one chunk."""
+    the chunk's runner-up attribute by >= margin; each attribute goes to at most one chunk.
+    A chunk that holds several attributes alone (separated_factors), such as x and y of one
+    position, is named after all of them: 'x and y'."""
     names = list(table)
     if not names:
         return {}
+    held: dict[int, list[str]] = {}
+    for a, where in separated_factors(table, n_chunks, margin, min_lift).items():
+        held.setdefault(where["chunk"], []).append(a)
+    joint = {c: " and ".join(attrs) for c, attrs in held.items() if len(attrs) > 1}
+    taken = {a for c in joint for a in held[c]}
     lifts = np.array([[lift(table[a]["map"][c], table[a]["random"]) for a in names]
                       for c in range(n_chunks)])                     # (C, A)
     best = {}
     for c in range(n_chunks):
+        if c in joint:
+            continue
         ranked = np.sort(lifts[c])[::-1]
         runner_up = ranked[1] if len(ranked) > 1 else 0.0
         a = int(np.argmax(lifts[c]))
-        if ranked[0] >= min_lift and ranked[0] - runner_up >= margin:
+        if ranked[0] >= min_lift and ranked[0] - runner_up >= margin and names[a] not in taken:
             if names[a] not in best or lifts[c, a] > lifts[best[names[a]], a]:
                 best[names[a]] = c
-    return {c: a for a, c in sorted(best.items(), key=lambda t: t[1])}
+    return dict(sorted({**{c: a for a, c in best.items()}, **joint}.items()))
 
 
 def hinge_bias(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -136,6 +136,18 @@ def test_suggested_names_need_a_margin_and_go_to_the_best_chunk():
     assert suggest_names(table, 4) == {0: "shape"}
 
 
+def test_a_chunk_holding_several_factors_alone_is_named_after_all_of_them():
+    table = {"colour": {"map": [0.9, 0.3, 0.3, 0.25], "random": 0.2},
+             "x": {"map": [0.3, 0.7, 0.3, 0.45], "random": 0.25},   # chunk 1 alone (lift .60 vs .27)
+             "y": {"map": [0.3, 0.72, 0.3, 0.3], "random": 0.25},   # chunk 1 alone
+             "scale": {"map": [0.3, 0.3, 0.3, 0.3], "random": 0.25}}
+    # chunk 3 retrieves x best by the single-attribute rule (lift .27 vs .07), but x belongs to
+    # chunk 1, which holds x and y alone and so is named after both
+    assert suggest_names(table, 4) == {0: "colour", 1: "x and y"}
+    with_one = {a: table[a] for a in ("colour", "x", "scale")}
+    assert suggest_names(with_one, 4) == {0: "colour", 1: "x"}
+
+
 def test_separated_factors_need_one_chunk_clearly_ahead_of_the_others():
     table = {"shape": {"map": [0.9, 0.6, 0.30, 0.5], "random": 0.25},    # lifts .87 vs .47: apart
              "colour": {"map": [0.2, 0.55, 0.50, 0.2], "random": 0.2},   # .44 vs .38: two chunks
