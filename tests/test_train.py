@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 from disentangle import checkpoint
 from disentangle.config import PRESETS, TrainConfig
 from disentangle.errors import RetrievalError
-from disentangle.train import train
+from disentangle.data.base import ArrayDataset, Record
+from disentangle.train import MemoryPairs, PairBatches, train
 
 TINY = PRESETS["tiny"]
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +59,22 @@ def test_training_lowers_the_mixing_loss(tmp_path):
     assert len(loss) == 150
     first, last = sum(loss[:10]) / 10, sum(loss[-10:]) / 10
     assert last < 0.5 * first, (first, last)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_in_memory_batches_equal_the_data_loader_ones(channels):
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (40, 16, 16, channels), dtype=torch.uint8, generator=g).numpy()
+    ds = ArrayDataset(pixels=pixels, format="test", root=None, size=16, attribute_names=[],
+                      records=[Record(key=str(i), path="", split=None, attributes={}) for i in range(40)],
+                      skipped=0)
+    sampler = PairBatches(len(ds), 5, seed=3, rank=0, start=2, stop=6)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler)
+    batches = list(MemoryPairs(pixels, sampler))
+    assert len(batches) == 4
+    for fast, reference in zip(batches, loader, strict=True):
+        assert fast.shape == (10, 3, 16, 16) and fast.is_contiguous()
+        assert torch.equal(fast, reference)
 
 
 def test_run_folder_holds_checkpoint_metrics_and_figure(tmp_path):
