@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,23 +27,65 @@ from .search import ChunkStore, search
 log = logging.getLogger(__name__)
 
 
+MAX_CHUNK_NAME = 100  # characters
+
+
 def normalize_name(name: str) -> str:
-    """'Hair colour', 'hair_colour' and 'HAIR  COLOUR' all name the same chunk."""
-    return "_".join(name.replace("_", " ").lower().split())
+    """'Hair colour', 'hair_colour' and 'HAIR  COLOUR' all name the same chunk (so do the
+    compatibility forms of one text, e.g. full-width letters)."""
+    return "_".join(unicodedata.normalize("NFKC", name).replace("_", " ").casefold().split())
+
+
+def clean_chunk_name(name: str | None) -> str | None:
+    """The name as stored (spaces collapsed; None when blank), or a RetrievalError saying why it
+    cannot be one: the grammar that keeps `chunks=NAME` and `chunks=NUMBER` apart."""
+    if name is None:
+        return None
+    if len(name) > 4 * MAX_CHUNK_NAME or not name.isprintable():  # before collapsing: no tabs, newlines
+        raise RetrievalError(f"a chunk name is at most {MAX_CHUNK_NAME} printable characters")
+    name = " ".join(unicodedata.normalize("NFC", name).split())
+    if not name:
+        return None
+    if len(name) > MAX_CHUNK_NAME:
+        raise RetrievalError(f"a chunk name is at most {MAX_CHUNK_NAME} printable characters")
+    if "," in name:
+        raise RetrievalError(f"a chunk name cannot contain a comma ({name[:40]!r}): commas separate "
+                             "the chunks of a list such as chunks=2,hair_colour")
+    # chunk numbers are ASCII digits only; a name must not look like any other spelling of one
+    if not any(ch.isalpha() for ch in name) or _reads_as_number(normalize_name(name)):
+        raise RetrievalError(f"a chunk name cannot be a number ({name[:40]!r}): give it a letter "
+                             "and make it read as a word, e.g. 'hair colour'")
+    return name
+
+
+def _reads_as_number(text: str) -> bool:
+    try:
+        float(text)  # also '+5', '1e3', 'inf', '1_000' and digits of any script
+    except ValueError:
+        return False
+    return True
 
 
 _INT = re.compile(r"-?[0-9]{1,18}")  # ASCII digits that fit an int64 (SQLite's integer)
 
 
-def parse_where(clauses: Sequence[str]) -> dict[str, int | str]:
-    """['Male=1', 'split=val'] -> {'Male': 1, 'split': 'val'}; values that look like ints are ints."""
-    out: dict[str, int | str] = {}
+def parse_where(clauses: Sequence[str]) -> dict[str, int | str | tuple]:
+    """['Male=1', 'split=val'] -> {'Male': 1, 'split': 'val'}; values that look like ints are ints.
+
+    Every clause must hold. An attribute given twice with different values maps to the tuple of
+    its values, all of which must hold: no image has two values of one attribute, so it matches
+    nothing (either-of is not a filter this index offers)."""
+    out: dict[str, int | str | tuple] = {}
     for clause in clauses:
         name, sep, value = clause.partition("=")
         if not sep or not name.strip() or not value.strip():
             raise RetrievalError(f"filter {clause!r}: write ATTRIBUTE=VALUE, e.g. Male=1")
-        value = value.strip()
-        out[name.strip()] = int(value) if _INT.fullmatch(value) else value
+        name, value = name.strip(), value.strip()
+        value = int(value) if _INT.fullmatch(value) else value
+        before = out.get(name, ())
+        before = before if isinstance(before, tuple) else (before,)
+        both = before + (value,) if value not in before else before
+        out[name] = both[0] if len(both) == 1 else both
     return out
 
 
@@ -152,8 +195,10 @@ class Index:
 
     def query_for_file(self, path: str | Path) -> Query:
         """Encode an outside image file with the index's model."""
-        import torch
+        return self.query_for_pixels(self.fit_file(path), file=str(path))
 
+    def fit_file(self, path: str | Path) -> np.ndarray:
+        """An outside image file decoded and fitted the way the indexer fitted the collection."""
         from disentangle.data.base import check_image, load_image
         from disentangle.data.celeba import celeba_box
 
@@ -162,11 +207,16 @@ class Index:
         if reason:
             raise RetrievalError(f"cannot use {path} as a query: {reason}")
         box = celeba_box if self.manifest["dataset_format"] == "celeba" else None
-        pixels = np.array(load_image(path, self.manifest["image_size"], box))  # writable for torch
+        return np.array(load_image(path, self.manifest["image_size"], box))  # writable for torch
+
+    def query_for_pixels(self, pixels: np.ndarray, file: str | None = None) -> Query:
+        """Encode fitted (size, size, 3) uint8 pixels with the index's model."""
+        import torch
+
         x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
         with torch.no_grad():
             f = self.model.encode(x)[0].numpy()
-        return Query(f, file=str(path))
+        return Query(f, file=file)
 
     # -- chunks ---------------------------------------------------------------------------
     def chunk_names(self) -> dict[int, str | None]:
@@ -196,11 +246,9 @@ class Index:
         return out
 
     def name_chunk(self, chunk: int | str, name: str | None) -> None:
-        """Give a chunk a name (None or '' clears it); names are unique."""
+        """Give a chunk a name (None or a blank one clears it); names are unique (clean_chunk_name)."""
         (c,) = self.resolve_chunks(str(chunk))
-        name = " ".join(name.split()) if name else None
-        if name and _INT.fullmatch(normalize_name(name)):
-            raise RetrievalError(f"a chunk name cannot be a number ({name!r})")
+        name = clean_chunk_name(name)
         for other, existing in self._names.items():
             if name and other != c and existing and normalize_name(existing) == normalize_name(name):
                 raise RetrievalError(f"chunk {other} is already named {existing!r}")
@@ -209,8 +257,9 @@ class Index:
         self._names[c] = name
 
     # -- search ---------------------------------------------------------------------------
-    def allowed(self, where: dict[str, int | str] | None = None) -> np.ndarray | None:
-        """Boolean mask over the stored images for attribute (and 'split') filters, run in SQLite."""
+    def allowed(self, where: dict[str, int | str | tuple] | None = None) -> np.ndarray | None:
+        """Boolean mask over the stored images for attribute (and 'split') filters, run in SQLite;
+        every filter must hold (parse_where)."""
         if not where:
             return None
         cache_key = tuple(sorted(where.items(), key=str))
@@ -218,9 +267,10 @@ class Index:
             mask = self._masks.get(cache_key)
         if mask is None:
             query = select(Image.id)
-            for name, value in where.items():
-                query = query.where(Image.split == str(value) if name == "split"
-                                    else self._attribute(name) == value)
+            for name, values in where.items():
+                for value in values if isinstance(values, tuple) else (values,):  # all must hold
+                    query = query.where(Image.split == str(value) if name == "split"
+                                        else self._attribute(name) == value)
             with Session(self.engine) as s:
                 hits = np.array(s.scalars(query).all(), dtype=np.int64)
             unknown = [n for n in where if n != "split" and not self._has_attribute(n)]

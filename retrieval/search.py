@@ -34,6 +34,11 @@ _SCORES = 1 << 24  # float32 scores per query group: bounds the (Q, N) score mat
 _SPARSE = 8  # an allowed set of at most N / _SPARSE items is gathered instead of masked
 _GROUPS = 256  # selection groups per wanted item: more groups, fewer candidates to scan
 _SCRATCH = threading.local()  # score buffers kept per thread: at most 2 x _SCORES + N floats
+# Weights are relative importances. Within this range each weighted float32 term stays a normal
+# number for features of ordinary size (the error bound's relative roundings hold) and the float64
+# re-rank keeps the smallest weighted term at >= 1e-12 of the largest, well inside its 16 digits;
+# subnormal weights (1e-320) quantise the re-rank's distances and reorder results.
+MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e6
 
 
 @dataclass
@@ -357,6 +362,9 @@ def _weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
         w = None
     if w is None or w.shape != (n,) or not np.all(np.isfinite(w) & (w > 0)):
         raise RetrievalError(f"weights must be {n} finite numbers > 0, one per chosen chunk; got {weights!r}")
+    if not np.all((w >= MIN_WEIGHT) & (w <= MAX_WEIGHT)):
+        raise RetrievalError(f"weights must lie from {MIN_WEIGHT:g} to {MAX_WEIGHT:g} (they are relative: "
+                             f"1,0.5 ranks as 2,1); got {weights!r}")
     return w
 
 

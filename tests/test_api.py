@@ -153,7 +153,7 @@ BAD_SEARCH = [
     ("image=5&chunks=1&weights=1,2", 400, "one per chosen chunk"),
     ("image=5&chunks=1,2&weights=1", 400, "one per chosen chunk"),
     ("image=5&chunks=1&weights=a", 400, "weights must be"),
-    ("image=5&chunks=1&weights=1e300", 400, "too large"),
+    ("image=5&chunks=1&weights=1e300", 400, "from 1e-06 to 1e+06"),
     ("image=5&chunks=1&where=shape", 400, "ATTRIBUTE=VALUE"),
     ("image=5&chunks=1&where==1", 400, "ATTRIBUTE=VALUE"),
     ("image=5&chunks=1&where=shape=", 400, "ATTRIBUTE=VALUE"),
