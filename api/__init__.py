@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import quote
 
 from flask import Flask, current_app, g, request
 
@@ -14,6 +15,7 @@ from disentangle.errors import RetrievalError
 from retrieval.index import Index
 
 from . import chunks, errors, images, ops, search, web
+from .hosts import check_host, host_names
 from .metrics import Metrics
 from .pixels import ImageSource
 from .state import Resources
@@ -26,6 +28,8 @@ DEFAULTS = {
     "TOKEN": None,                          # when set, PUT /chunks needs 'Authorization: Bearer TOKEN'
     "MAX_CONTENT_LENGTH": 10 * 2**20,       # upload bodies past this are refused with 413
     "MAX_IMAGE_PIXELS": 40_000_000,         # uploads with more pixels are refused with 400
+    "MAX_IMAGE_SIDE": 10_000,               # ... and those wider or taller than this (1 x 40M decodes slowly)
+    "ALLOWED_HOSTS": [],                    # Host names answered besides localhost, 127.0.0.1 and ::1
     "MAX_K": 1000,                          # results per page
     "MAX_OFFSET": 100_000,                  # how deep a client may page
     "IMAGE_MAX_AGE": 86_400,                # seconds browsers may cache images (ids never change)
@@ -36,10 +40,14 @@ DEFAULTS = {
 def create_app(test_config: dict | None = None) -> Flask:
     """The app serving config['INDEX']."""
     app = Flask(__name__, static_folder=None)
+    # no redirects: merging '//' sent '//evil.example' to http://evil.example/ (and as HTML);
+    # a path with doubled slashes is a JSON 404 like any other unknown path
+    app.url_map.merge_slashes = False
     app.config.from_mapping(DEFAULTS)
     app.config.from_prefixed_env("RETRIEVAL")
     if test_config is not None:
         app.config.from_mapping(test_config)
+    app.config["ALLOWED_HOSTS"] = host_names(app.config["ALLOWED_HOSTS"])
     app.json.sort_keys = False  # keep the search result's field order
     if not app.config["INDEX"]:
         raise RetrievalError("no index to serve: run `retrieval serve INDEX` or set RETRIEVAL_INDEX")
@@ -51,6 +59,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     for module in (search, images, chunks, ops, web):
         app.register_blueprint(module.bp)
     app.before_request(_start_clock)
+    app.before_request(check_host)
     app.after_request(_finish)
     return app
 
@@ -64,7 +73,19 @@ def _finish(response):
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
     endpoint = request.url_rule.rule if request.url_rule else "unmatched"
     current_app.extensions["retrieval"].metrics.observe(request.method, endpoint, response.status_code, seconds)
-    access_log.info('%s "%s %s" %d %.1f ms', request.remote_addr, request.method,
-                    request.full_path.rstrip("?")[:300], response.status_code, seconds * 1000)
+    access_log.info('%s "%s %s" %d %.1f ms', request.remote_addr, quote(request.method, safe=_LOGGED),
+                    _logged_target()[:300], response.status_code, seconds * 1000)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     return response
+
+
+# what a logged request line keeps as it is: printable ASCII but for space, '"', '\\' and '%';
+# everything else is %XX, so a request cannot start a forged log line (CR, LF), move the
+# terminal's cursor (ESC) or blur the line's own fields (space, quotes)
+_LOGGED = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"\\%')
+
+
+def _logged_target() -> str:
+    """Path and query as sent: the path arrives decoded, so its '%' is escaped too; the query is raw."""
+    query = quote(request.query_string, safe=_LOGGED + "%")
+    return quote(request.path, safe=_LOGGED) + (f"?{query}" if query else "")

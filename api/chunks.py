@@ -10,12 +10,11 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 
 from . import params, render
 from .errors import ApiError
+from .hosts import LOOPBACK, bare_host
 from .pixels import png_bytes, png_response
 from .state import resources
 
 bp = Blueprint("chunks", __name__)
-
-MAX_NAME = 100
 
 
 def _chunk(i: int) -> int:
@@ -39,17 +38,15 @@ def listing():
 
 @bp.put("/chunks/<int:i>")
 def name(i: int):
-    """Set (or with null / "" clear) a chunk's name; body {"name": ...}."""
+    """Set (or with null / "" clear) a chunk's name; body {"name": ...}. The grammar of names is
+    the index's (retrieval.index.clean_chunk_name), the same for the CLI."""
     _require_naming_rights()
     body = _small_json()
     if not isinstance(body, dict) or "name" not in body or not isinstance(body["name"], (str, type(None))):
         raise ApiError(400, 'send a JSON body {"name": "hair colour"} (null or "" clears the name)')
-    new = body["name"]
-    if new is not None and (len(new) > MAX_NAME or not new.isprintable()):
-        raise ApiError(400, f"a chunk name is at most {MAX_NAME} printable characters")
     r = resources()
     with r.write_lock:
-        r.index.name_chunk(str(_chunk(i)), new)
+        r.index.name_chunk(str(_chunk(i)), body["name"])
     return jsonify(_listing())
 
 
@@ -79,8 +76,9 @@ def _small_json(limit: int = 4096):
 def _require_naming_rights() -> None:
     token = current_app.config["TOKEN"]
     if token:  # an f-string, as from_prefixed_env reads RETRIEVAL_TOKEN=123 as a number
-        sent = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+        # the scheme is case-insensitive (RFC 9110 §11.1): 'bearer T' and 'BEARER T' are 'Bearer T'
+        scheme, _, sent = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), f"{token}".encode()):
             raise ApiError(401, "naming chunks needs the server's token: send 'Authorization: Bearer TOKEN'",
                            headers={"WWW-Authenticate": "Bearer"})
         return
@@ -88,6 +86,8 @@ def _require_naming_rights() -> None:
         loopback = ipaddress.ip_address(request.remote_addr or "").is_loopback
     except ValueError:
         loopback = False
-    if not loopback:
+    # a reverse proxy on this machine connects from loopback for every client: a request that
+    # names the server by a non-loopback host came from elsewhere, whatever its address says
+    if not loopback or bare_host(request.host) not in LOOPBACK:
         raise ApiError(403, "this server has no token, so chunks can be named only from the machine "
                             "it runs on; restart it with RETRIEVAL_TOKEN set to name chunks remotely")

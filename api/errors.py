@@ -11,9 +11,10 @@ from disentangle.errors import RetrievalError
 
 log = logging.getLogger(__name__)
 
-_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-          405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
-          415: "unsupported_media_type", 500: "internal_error"}
+CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+         405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+         415: "unsupported_media_type", 431: "headers_too_large", 500: "internal_error",
+         501: "not_implemented"}
 
 
 class ApiError(RetrievalError):
@@ -22,13 +23,13 @@ class ApiError(RetrievalError):
     def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status = status
-        self.code = code or _CODES.get(status, "error")
+        self.code = code or CODES.get(status, "error")
         self.headers = headers or {}
 
 
 def error_response(status: int, message: str, code: str | None = None):
     """The JSON body and status every error shares."""
-    body = {"error": {"code": code or _CODES.get(status, "error"), "message": message}}
+    body = {"error": {"code": code or CODES.get(status, "error"), "message": message}}
     return jsonify(body), status
 
 

@@ -7,6 +7,9 @@ import threading
 from collections import defaultdict
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# label values come from closed sets, or every invented method would be a series kept forever
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+OTHER_METHOD = "other"
 
 
 def _labels(**labels: str) -> str:
@@ -24,7 +27,9 @@ class Metrics:
         self._sums: dict[str, float] = defaultdict(float)
 
     def observe(self, method: str, endpoint: str, status: int, seconds: float) -> None:
-        """Count one finished request; endpoint is the URL rule (bounded), not the raw path."""
+        """Count one finished request; endpoint is the URL rule or 'unmatched', never the raw path,
+        and a method outside METHODS counts as 'other'."""
+        method = method if method in METHODS else OTHER_METHOD
         with self._lock:
             self._requests[method, endpoint, status] += 1
             self._buckets[endpoint][bisect.bisect_left(BUCKETS, seconds)] += 1

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from disentangle.errors import RetrievalError
 from retrieval.index import Index, parse_where
+from retrieval.search import MAX_WEIGHT, MIN_WEIGHT
 
 from .errors import ApiError
 
@@ -15,6 +16,7 @@ MAX_REF = 512          # longest key or id accepted; keys are relative paths or 
 MAX_WHERE = 16         # where-clauses per query
 MAX_CLAUSE = 200       # characters per where-clause
 _INTEGER = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"\s*\+?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]{1,4})?\s*")  # not 1_0, inf, 0x1
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -53,16 +55,18 @@ def chunks(index: Index, spec: str | None) -> list[int]:
 
 
 def weights(text: str | None, n: int) -> list[float] | None:
-    """One positive finite weight per chosen chunk, e.g. weights=1,0.5."""
+    """One weight per chosen chunk, e.g. weights=1,0.5, in the range the exact search honours."""
     if text is None or text == "":
         return None
-    try:
-        w = [float(t) for t in text.split(",")]
-    except ValueError:
-        w = []
+    items = text.split(",")
+    w = [float(t) for t in items] if len(items) == n and all(map(_DECIMAL.fullmatch, items)) else []
     if len(w) != n or not all(math.isfinite(x) and x > 0 for x in w):
         raise ApiError(400, f"weights must be {n} finite numbers > 0, one per chosen chunk, "
                             f"separated by commas; got {text[:80]!r}")
+    if not all(MIN_WEIGHT <= x <= MAX_WEIGHT for x in w):
+        raise ApiError(400, f"weights must lie from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}: they are relative "
+                            f"(1,0.5 ranks as 2,1), and outside that range the search is not exact; "
+                            f"got {text[:80]!r}")
     return w
 
 

@@ -8,7 +8,7 @@ from retrieval.index import Query
 from . import params
 from .errors import ApiError
 from .state import Resources, resources
-from .uploads import upload_query
+from .uploads import fit_upload
 
 bp = Blueprint("search", __name__)
 
@@ -27,8 +27,10 @@ def by_upload():
     if upload is None:
         raise ApiError(400, "POST a multipart/form-data body with the query image in the field 'file'")
     options = _options(r, request.values)  # form fields, or the same fields in the query string
-    with r.model_lock:
-        query = upload_query(r.index, upload, current_app.config["MAX_IMAGE_PIXELS"])
+    cfg = current_app.config
+    pixels, name = fit_upload(r.index, upload, cfg["MAX_IMAGE_PIXELS"], cfg["MAX_IMAGE_SIDE"])
+    with r.model_lock:  # the encoder only: decoding above runs in parallel
+        query = r.index.query_for_pixels(pixels, file=name)
     return jsonify(_search(r, query, options))
 
 

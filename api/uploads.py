@@ -1,26 +1,27 @@
-"""An uploaded query image: checked for size, type, bombs and truncation before the encoder sees it."""
+"""An uploaded query image: checked for size, type, dimensions, bombs and truncation, then decoded,
+all before the model lock (only the encoder needs it)."""
 from __future__ import annotations
 
-import dataclasses
 import io
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from werkzeug.datastructures import FileStorage
 from werkzeug.utils import secure_filename
 
 from disentangle.data.base import check_image
 from disentangle.errors import RetrievalError
-from retrieval.index import Index, Query
+from retrieval.index import Index
 
 from .errors import ApiError
 
 ACCEPTED = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 
 
-def upload_query(index: Index, upload: FileStorage, max_pixels: int) -> Query:
-    """Encode the uploaded image with the index's model; every bad upload is a 4xx ApiError."""
+def fit_upload(index: Index, upload: FileStorage, max_pixels: int, max_side: int) -> tuple[np.ndarray, str]:
+    """The upload fitted to the model's input, and its sanitised file name; a bad upload is a 4xx ApiError."""
     data = upload.read()
     if not data:
         raise ApiError(400, "the uploaded file is empty")
@@ -39,6 +40,10 @@ def upload_query(index: Index, upload: FileStorage, max_pixels: int) -> Query:
     if width * height > max_pixels:
         raise ApiError(400, f"the upload has {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,}; "
                             "upload a smaller image", "too_many_pixels")
+    # a 1 x 40,000,000 strip is under the pixel limit but takes seconds to decode, row by row
+    if max(width, height) > max_side:
+        raise ApiError(400, f"the upload is {width}x{height} pixels; each side may be at most {max_side:,}: "
+                            "upload a smaller image", "too_many_pixels")
     name = secure_filename(upload.filename or "")[:100] or "upload"
     with tempfile.TemporaryDirectory(prefix="retrieval-upload-") as tmp:
         path = Path(tmp) / f"upload{ACCEPTED[fmt]}"
@@ -47,7 +52,6 @@ def upload_query(index: Index, upload: FileStorage, max_pixels: int) -> Query:
         if reason:
             raise ApiError(400, f"the upload is {reason}; upload a whole JPEG, PNG or WebP file")
         try:
-            query = index.query_for_file(path)
+            return index.fit_file(path), name
         except RetrievalError as e:
             raise ApiError(400, str(e).replace(str(path), "the upload")) from None
-    return dataclasses.replace(query, file=name)
