@@ -1,33 +1,46 @@
-"""`retrieval serve`: the app on waitress, stopped cleanly by SIGINT or SIGTERM."""
+"""`retrieval serve`: the app on waitress (api/server.py), stopped cleanly by SIGINT or SIGTERM."""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 
 from threadpoolctl import threadpool_limits
-from waitress import create_server
 
 from . import create_app
+from .server import listening, make_server
 
 log = logging.getLogger(__name__)
 
 
-def serve(index: str | Path, host: str = "127.0.0.1", port: int = 5000, threads: int = 4) -> None:
-    """Open INDEX once and answer requests until SIGINT or SIGTERM; in-flight requests finish."""
+def serve(index: str | Path, host: str = "127.0.0.1", port: int = 5000, threads: int = 4, *,
+          connection_limit: int = 100, channel_timeout: int = 30, allowed_hosts: Sequence[str] = ()) -> None:
+    """Open INDEX once and answer requests until SIGINT or SIGTERM; in-flight requests finish.
+
+    connection_limit bounds open connections (idle ones make room for new ones, api/server.py),
+    channel_timeout closes a connection silent for that many seconds, and allowed_hosts are the
+    Host names answered besides the loopback ones and a specific listening address."""
     # one BLAS thread per request: concurrency comes from the worker threads, and OpenBLAS's own
     # pool fighting over the same cores from several threads at once is slower than either alone
     threadpool_limits(1, user_api="blas")
-    app = create_app({"INDEX": str(index)})
-    server = create_server(app, host=host, port=port, threads=threads, ident="retrieval")
+    names = [*allowed_hosts] + ([] if _wildcard(host) else [host])
+    app = create_app({"INDEX": str(index), "ALLOWED_HOSTS": names} if names else {"INDEX": str(index)})
+    server = make_server(app, host, port, threads=threads, connection_limit=connection_limit,
+                         channel_timeout=channel_timeout, max_body=app.config["MAX_CONTENT_LENGTH"])
 
     def stop(signum, _frame):
         log.info("%s: stopping", signal.Signals(signum).name)
         raise KeyboardInterrupt  # waitress's loop shuts its workers down on this
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    log.info("serving %s (%d images) on http://%s:%s with %d threads", index,
-             len(app.extensions["retrieval"].index), host, server.effective_port, threads)
+    for address, effective_port in listening(server):
+        log.info("serving %s (%d images) on http://%s:%s with %d threads", index,
+                 len(app.extensions["retrieval"].index), _url_host(address), effective_port, threads)
+    if _wildcard(host) and not allowed_hosts:
+        log.warning("listening on every interface, but answering only Host names %s: add --allowed-host NAME "
+                    "for the names clients use", ", ".join(sorted(app.config["ALLOWED_HOSTS"])))
     try:
         server.run()
     finally:
@@ -35,3 +48,14 @@ def serve(index: str | Path, host: str = "127.0.0.1", port: int = 5000, threads:
         for s, handler in previous.items():
             signal.signal(s, handler)
     log.info("stopped")
+
+
+def _wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return not host.strip() or host.strip() == "*"
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address

@@ -387,11 +387,18 @@ def ablate(data, preset, variants, steps, out, batch_size, seed, eval_split, fmt
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True, help="Worker threads.")
-def serve(index_path, host, port, threads):
+@click.option("--connection-limit", type=click.IntRange(8, 1000), default=100, show_default=True,
+              help="Open connections at most; at the limit a new one closes the oldest idle one.")
+@click.option("--channel-timeout", type=click.IntRange(1, 3600), default=30, show_default=True,
+              help="Seconds a connection may stay silent before it is closed.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A Host name to answer besides localhost, 127.0.0.1 and ::1 (repeatable).")
+def serve(index_path, host, port, threads, connection_limit, channel_timeout, allowed_hosts):
     """Serve the API and web page for INDEX (waitress; Ctrl-C or SIGTERM stops it)."""
     from api.serve import serve as run_server
 
-    run_server(index_path, host=host, port=port, threads=threads)
+    run_server(index_path, host=host, port=port, threads=threads, connection_limit=connection_limit,
+               channel_timeout=channel_timeout, allowed_hosts=allowed_hosts)
 
 
 if __name__ == "__main__":
