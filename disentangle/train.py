@@ -104,6 +104,17 @@ def _distributed(device: str) -> tuple[int, int, torch.device]:
     return rank, world, torch.device(device)
 
 
+def _time_up(tc: TrainConfig, seconds: float, world: int, device: torch.device) -> bool:
+    """Whether the --minutes budget is spent; under DDP every rank takes rank 0's answer, so all
+    of them stop at the same step."""
+    if not tc.minutes:
+        return False
+    up = torch.tensor([seconds >= tc.minutes * 60], device=device)
+    if world > 1:
+        dist.broadcast(up, 0)
+    return bool(up.item())
+
+
 def _training_subset(ds: Dataset) -> Dataset:
     """Train on the 'train' split when the data has one, else on everything."""
     records = getattr(ds, "records", None)
@@ -154,7 +165,7 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
                                  "resume with the same --preset")
         start = ckpt["step"]
         tc = replace(TrainConfig(**{k: v for k, v in ckpt["train_config"].items() if k != "losses"}),
-                     steps=tc.steps, bf16=tc.bf16, channels_last=tc.channels_last,
+                     steps=tc.steps, minutes=tc.minutes, bf16=tc.bf16, channels_last=tc.channels_last,
                      checkpoint_every=tc.checkpoint_every,
                      figure_every=tc.figure_every, log_every=tc.log_every)
     elif ckpt_path.exists():
@@ -173,9 +184,13 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
     figure_batch = torch.stack([train_set[int(i)] for i in figure_idx[:2 * shown]]).to(dev)
     meta = {"data": data_info or {}, "world_size": world}
 
+    spent = ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0  # before this process
+    t0 = time.perf_counter()
+
     def state(step: int) -> dict:
         return {"format": checkpoint.FORMAT_VERSION, "step": step, "model_config": cfg.to_dict(),
-                "train_config": tc.to_dict(), **meta, **trainer.state_dict()}
+                "train_config": tc.to_dict(), "train_seconds": spent + time.perf_counter() - t0,
+                **meta, **trainer.state_dict()}
 
     def save_figure(step: int) -> None:
         sheet = figures.transfer_figure(trainer.ae, figure_batch[:shown], figure_batch[shown:])
@@ -192,14 +207,15 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
             checkpoint.save_atomic(state(0), ckpt_path)  # a loadable file exists from the start
         metrics = _Metrics(out / "metrics.csv", start)
 
-    sampler = PairBatches(len(train_set), tc.batch_size, tc.seed, rank, start, tc.steps)
+    stop = start if tc.minutes and spent >= tc.minutes * 60 else tc.steps  # a spent budget: no step
+    sampler = PairBatches(len(train_set), tc.batch_size, tc.seed, rank, start, stop)
     pixels = _in_memory_pixels(train_set)
     loader = (MemoryPairs(pixels, sampler) if pixels is not None else
               DataLoader(train_set, batch_sampler=sampler, num_workers=workers,
                          pin_memory=dev.type == "cuda", persistent_workers=False))
-    bar = tqdm(total=tc.steps, initial=start, disable=not (progress and is_main), unit="step",
+    bar = tqdm(total=None if tc.minutes else tc.steps, initial=start, disable=not (progress and is_main), unit="step",
                dynamic_ncols=True)
-    t0 = t_last = time.perf_counter()
+    t_last = time.perf_counter()
     last_step = start
     try:
         for step, batch in enumerate(loader, start=start):
@@ -224,12 +240,18 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
                     metrics.write({**row, "step": done, "lr": f"{lr:.3g}", "began_k": f"{trainer.began_k:.4f}",
                                    "pairs_per_s": f"{rate:.1f}", "elapsed_s": f"{now - t0:.1f}"})
                 bar.set_postfix({k.removeprefix("loss_"): v for k, v in row.items()} | {"pairs/s": f"{rate:.0f}"})
-            if is_main and (done % tc.checkpoint_every == 0 or done == tc.steps):
+            time_up = done % tc.log_every == 0 and _time_up(tc, spent + time.perf_counter() - t0, world, dev)
+            last = done == tc.steps or time_up
+            if is_main and (done % tc.checkpoint_every == 0 or last):
                 checkpoint.save_atomic(state(done), ckpt_path)
-            if is_main and (done % tc.figure_every == 0 or done == tc.steps):
+            if is_main and (done % tc.figure_every == 0 or last):
                 save_figure(done)
-        if is_main and tc.steps <= start:
-            log.info("checkpoint is already at step %d >= --steps %d; nothing to do", start, tc.steps)
+            if time_up:
+                log.info("stopped at step %d: --minutes %g of training reached", done, tc.minutes)
+                break
+        if is_main and stop <= start:
+            log.info("checkpoint is already at step %d (--steps %d, --minutes %g); nothing to do",
+                     start, tc.steps, tc.minutes)
     finally:
         bar.close()
         if metrics:

@@ -50,6 +50,25 @@ def parse_chunks(text: str | None, n_chunks: int) -> list[int] | None:
     return chunks
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _default_preset(fmt: str, on_gpu: bool) -> str:
+    """The format's preset; without a GPU, its CPU recipe where it has one (said on the terminal)."""
+    from disentangle.config import CPU_STAND_IN, RECIPES
+
+    name = DEFAULT_PRESET[fmt]
+    if on_gpu or name not in CPU_STAND_IN:
+        return name
+    cpu = CPU_STAND_IN[name]
+    click.echo(f"no GPU: training the CPU recipe --preset {cpu} ({RECIPES[cpu]['steps']:,} steps, "
+               f"about an hour on 2 cores); --preset {name} trains the paper's networks on a GPU", err=True)
+    return cpu
+
+
 def _rendering(fmt: str) -> dict:
     """What a checkpoint records of how built-in shapes were drawn, so a stale model shows."""
     from disentangle.data.shapes import RENDERING
@@ -71,29 +90,31 @@ def _open_data(data: str, size: int, fmt: str | None, skip_bad: bool, split: str
 @click.option("--preset", help="Network preset (default: by data format; sprites, mnist, "
                                "celeba-dcgan, celeba-began, shapes, tiny).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Run folder.")
-@click.option("--steps", type=int, default=100_000, show_default=True, help="Total steps to reach.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Pairs per step (per process).")
+@click.option("--steps", type=int, help="Total steps to reach (default: the preset's recipe, else 100,000).")
+@click.option("--batch-size", type=int, help="Pairs per step and process (default: the preset's recipe, else 64).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--variant", default="mix+c+g", show_default=True,
               help="Table 2 row: ae, ae+c+g, mix, mix+c, mix+g, mix+c+g, c+g.")
-@click.option("--mask", type=click.Choice(["per-batch", "per-sample"]), default="per-batch", show_default=True)
+@click.option("--mask", type=click.Choice(["per-batch", "per-sample"]),
+              help="One mask per batch or per pair (default: the preset's recipe, else per-batch).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out up to --steps.")
 @click.option("--format", "fmt", help="Dataset format, when detection is not wanted.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images instead of stopping.")
 @click.option("--bf16", is_flag=True, help="bf16 autocast (CUDA only).")
 @click.option("--channels-last", is_flag=True, help="NHWC activations (faster convolutions on GPUs).")
+@click.option("--minutes", type=float, default=0, help="Stop after this many minutes of training (default: no limit).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--lr", type=float, help="Adam's learning rate (default: the preset's recipe, else 2e-4).")
 @click.option("--critic-lr-scale", type=float, default=1.0, show_default=True,
               help="The critic's learning rate as a multiple of --lr.")
 @click.option("--workers", type=int, default=None, help="Data loader processes (default: 2 for files on disk).")
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True)
 @click.option("--figure-every", type=int, default=1000, show_default=True)
 def train(data, preset, out, steps, batch_size, device, variant, mask, resume, fmt, skip_bad, bf16,
-          channels_last, seed, lr, critic_lr_scale, workers, checkpoint_every, figure_every):
+          channels_last, minutes, seed, lr, critic_lr_scale, workers, checkpoint_every, figure_every):
     """Train the mixing autoencoder on DATA (a folder, or shapes[:N])."""
     from disentangle import checkpoint
-    from disentangle.config import TrainConfig, preset as get_preset
+    from disentangle.config import CPU_STAND_IN, GPU_PRESETS, RECIPES, TrainConfig, preset as get_preset
     from disentangle.data import detect_format
     from disentangle.train import train as run_training
 
@@ -101,15 +122,23 @@ def train(data, preset, out, steps, batch_size, device, variant, mask, resume, f
         preset = checkpoint.load(Path(out) / "checkpoint.pt")["model_config"]["name"]
     if fmt is None:
         fmt = "shapes" if data.split(":")[0] == "shapes" else detect_format(data)
-    cfg = get_preset(preset or DEFAULT_PRESET[fmt])
-    tc = TrainConfig(steps=steps, batch_size=batch_size, variant=variant, mask=mask, seed=seed,
-                     bf16=bf16, channels_last=channels_last, lr=lr, critic_lr_scale=critic_lr_scale,
-                     checkpoint_every=checkpoint_every,
+    on_gpu = device == "cuda" or (device == "auto" and torch_cuda_available())
+    cfg = get_preset(preset or _default_preset(fmt, on_gpu))
+    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "mask": mask}
+    if not on_gpu and cfg.name in GPU_PRESETS and steps is None and not minutes:
+        raise RetrievalError(f"preset {cfg.name} is the paper's GPU network: its 100,000 steps would take "
+                             "weeks on this CPU; train on a GPU, use the CPU recipe "
+                             f"({', '.join(f'--preset {c}' for c in CPU_STAND_IN.values())}), "
+                             "or pass --steps N or --minutes M to run it here anyway")
+    tc = TrainConfig(**{**RECIPES.get(cfg.name, {}), **{k: v for k, v in given.items() if v is not None}},
+                     variant=variant, minutes=minutes, seed=seed, bf16=bf16, channels_last=channels_last,
+                     critic_lr_scale=critic_lr_scale, checkpoint_every=checkpoint_every,
                      figure_every=figure_every)
     ds = _open_data(data, cfg.image_size, fmt, skip_bad)
     if workers is None:
         workers = 2 if fmt in ("celeba", "folder") else 0
-    click.echo(f"training {cfg.name} ({tc.variant}) on {len(ds)} {fmt} images -> {out}", err=True)
+    click.echo(f"training {cfg.name} ({tc.variant}; {tc.steps:,} steps x {tc.batch_size} pairs, lr {tc.lr:g}, "
+               f"{tc.mask} masks) on {len(ds)} {fmt} images -> {out}", err=True)
     run_training(ds, cfg, tc, out, device=device, resume=resume, workers=workers, progress=True,
                  data_info={"spec": str(data), "format": fmt, **_rendering(fmt)})
     click.echo(f"checkpoint: {Path(out) / 'checkpoint.pt'}")
@@ -359,14 +388,15 @@ def evaluate(index_path, split, whole, as_json, out):
 @click.option("--preset", help="Network preset (default: by data format).")
 @click.option("--variants", default="ae,mix,mix+c,mix+g,mix+c+g,ae+c+g,c+g", show_default=True,
               help="Table 2 rows to train, comma-separated.")
-@click.option("--steps", type=int, required=True, help="Training steps per variant.")
+@click.option("--steps", type=int, help="Training steps per variant.")
+@click.option("--minutes", type=float, default=0, help="Minutes of training per variant (an equal-time budget).")
 @click.option("--out", default="ablation", show_default=True, type=click.Path(file_okay=False))
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, help="Pairs per step (default: the preset's recipe, else 64).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-split", default="val", show_default=True, help="Split to index and evaluate.")
 @click.option("--format", "fmt", help="Dataset format, when detection is not wanted.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def ablate(data, preset, variants, steps, out, batch_size, seed, eval_split, fmt, device):
+def ablate(data, preset, variants, steps, minutes, out, batch_size, seed, eval_split, fmt, device):
     """Train every variant with one budget and seed, evaluate each, print one Table 2 (resumable)."""
     from disentangle.data import detect_format
 
@@ -375,8 +405,9 @@ def ablate(data, preset, variants, steps, out, batch_size, seed, eval_split, fmt
 
     if fmt is None:
         fmt = "shapes" if data.split(":")[0] == "shapes" else detect_format(data)
-    result = run_ablation(data, preset or DEFAULT_PRESET[fmt], parse_variants(variants), steps, out,
-                          batch_size=batch_size, seed=seed, eval_split=eval_split, fmt=fmt,
+    on_gpu = device == "cuda" or (device == "auto" and torch_cuda_available())
+    result = run_ablation(data, preset or _default_preset(fmt, on_gpu), parse_variants(variants), steps, out,
+                          minutes=minutes, batch_size=batch_size, seed=seed, eval_split=eval_split, fmt=fmt,
                           device=device, progress=True)
     click.echo(ablation_markdown(result))
     click.echo(f"wrote {Path(out) / 'ablation.md'} and {Path(out) / 'ablation.json'}", err=True)

@@ -144,8 +144,10 @@ def write_report(report: dict, out: str | Path) -> list[Path]:
 
 
 def ablation_markdown(result: dict) -> str:
-    """Table 2 style: one row per variant (best chunk per attribute) and the Random row."""
+    """Table 2 style: one row per variant (best chunk per attribute, the steps it trained) and
+    the Random row."""
     attrs = result["attributes"]
-    rows = [["Random", *[result["random"][a] for a in attrs], result["random_average"]]]
-    rows += [[v.upper(), *[r["best"][a] for a in attrs], r["average"]] for v, r in result["variants"].items()]
-    return markdown_table(["method", *attrs, "average"], rows)
+    rows = [["Random", *[result["random"][a] for a in attrs], result["random_average"], ""]]
+    rows += [[v.upper(), *[r["best"][a] for a in attrs], r["average"], r.get("steps", "")]
+             for v, r in result["variants"].items()]
+    return markdown_table(["method", *attrs, "average", "steps"], rows)

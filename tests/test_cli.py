@@ -157,3 +157,43 @@ def test_bad_options(tmp_path, option, value, match):
 
 def test_resume_without_a_run(tmp_path):
     fails("train", "shapes:50", "--out", tmp_path / "run", "--resume", match="no checkpoint")
+
+
+def _small_sprites(root: Path) -> Path:
+    """Two train characters and one val character in the sheet layout."""
+    from tests.test_data_sprites import character, write_labels_and_splits, write_sheet
+
+    for i in range(3):
+        write_sheet(root / "sheets" / f"sprite_{i:03d}.png", character(i), palette=True)
+    write_labels_and_splits(root)
+    return root
+
+
+def test_sprites_on_a_cpu_trains_the_cpu_recipe(tmp_path, monkeypatch):
+    from disentangle.config import RECIPES
+
+    monkeypatch.setattr("retrieval.cli.torch_cuda_available", lambda: False)
+    data = _small_sprites(tmp_path / "sprites")
+    result = ok("train", data, "--out", tmp_path / "run", "--steps", 1, "--batch-size", 4)
+    assert "no GPU: training the CPU recipe --preset sprites-cpu" in result.output
+    ckpt = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["model_config"]["name"] == "sprites-cpu" and ckpt["model_config"]["image_size"] == 32
+    recipe = RECIPES["sprites-cpu"]  # the options not given come from the preset's recipe
+    assert (ckpt["train_config"]["lr"], ckpt["train_config"]["mask"]) == (recipe["lr"], recipe["mask"])
+    assert (ckpt["train_config"]["steps"], ckpt["train_config"]["batch_size"]) == (1, 4)
+
+
+def test_a_gpu_preset_on_a_cpu_needs_explicit_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr("retrieval.cli.torch_cuda_available", lambda: False)
+    data = _small_sprites(tmp_path / "sprites")
+    message = fails("train", data, "--preset", "sprites", "--out", tmp_path / "run", match="GPU network")
+    assert "--preset sprites-cpu" in message and "--steps" in message
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_with_a_gpu_sprites_keeps_the_papers_preset(monkeypatch):
+    from retrieval.cli import _default_preset
+
+    assert _default_preset("sprites", on_gpu=True) == "sprites"
+    assert _default_preset("sprites", on_gpu=False) == "sprites-cpu"
+    assert _default_preset("mnist", on_gpu=False) == "mnist"

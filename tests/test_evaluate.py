@@ -316,5 +316,22 @@ def test_ablate_end_to_end_and_resume(tmp_path):
           match="choose from")
 
 
+def test_ablate_with_an_equal_time_budget(tmp_path):
+    args = ["ablate", "shapes:300", "--preset", "tiny", "--variants", "ae,mix+c+g", "--minutes", 0.04,
+            "--batch-size", 4, "--out", tmp_path / "abl"]
+    first = _table(ok(*args).stdout)
+    result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    for variant in ("ae", "mix+c+g"):
+        ckpt = checkpoint.load(tmp_path / "abl" / variant / "run" / "checkpoint.pt")
+        assert ckpt["train_seconds"] >= 2.4 and ckpt["train_config"]["minutes"] == 0.04
+        assert result["variants"][variant]["steps"] == ckpt["step"] > 0
+    # the plain autoencoder is cheaper per step, so the same minutes buy it more steps
+    assert result["variants"]["ae"]["steps"] > result["variants"]["mix+c+g"]["steps"]
+    assert "| steps |" in (tmp_path / "abl" / "ablation.md").read_text()
+    assert _table(ok(*args).stdout) == first                        # reused, not retrained
+    fails("ablate", "shapes:300", "--preset", "tiny", "--variants", "ae", "--out", tmp_path / "x",
+          match="--minutes")
+
+
 def _table(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("|")]

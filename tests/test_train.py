@@ -77,6 +77,16 @@ def test_in_memory_batches_equal_the_data_loader_ones(channels):
         assert torch.equal(fast, reference)
 
 
+def test_a_time_budget_stops_the_run_and_a_resume_adds_no_step(tmp_path):
+    tc = _config(steps=10**6, minutes=0.01, log_every=5)
+    train(Squares(), TINY, tc, tmp_path)
+    ckpt = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert 0 < ckpt["step"] < 10**6 and ckpt["step"] % 5 == 0 and ckpt["train_seconds"] >= 0.6
+    assert (tmp_path / "transfer.png").exists()
+    train(Squares(), TINY, tc, tmp_path, resume=True)
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == ckpt["step"]
+
+
 def test_run_folder_holds_checkpoint_metrics_and_figure(tmp_path):
     train(Squares(), TINY, _config(figure_every=3), tmp_path)
     ckpt = checkpoint.load(tmp_path / "checkpoint.pt")
