@@ -229,10 +229,13 @@ RULES = [
     Rule(_text(r"^make "), False,
          "builds .venv, installs Chromium, serves until Ctrl-C: the recipe must call what the docs say "
          "(tests/test_cli.py runs `retrieval demo --no-serve` itself, for 2 steps)"),
-    Rule(_text(r"--preset sprites\b"), False,
+    Rule(_text(r"--preset sprites(?![\w-])"), False,
          "the sprites preset writes two 640 MB checkpoints, ~2 min for 20 steps on CPU (docs/benchmarks.md)"),
     Rule(_text(r"--preset celeba-began\b"), False,
          "128x128 BEGAN: one step and its 1.3 GB checkpoint take about a minute on CPU"),
+    Rule(_text(r"^(\S+=\S+ )*retrieval ablate \.\./shared/data/sprites"), False,
+         "three variants for 10 minutes each, then val indexed and evaluated three times: the same code "
+         "path runs on generated data in tests/test_evaluate.py"),
     Rule(_text(r"runs/ablation-sprites/"), False,
          "reads the pending Sprites GPU ablation: its inputs are checked on the shapes ablation's "
          "output, which has the same layout (STAND_INS)"),
@@ -246,6 +249,7 @@ RULES = [
 # the same code path at a size that takes seconds instead of hours.
 BUDGET = {
     "retrieval train ../shared/data/mnist --out runs/mnist": "--steps 2 --batch-size 4",
+    "retrieval train ../shared/data/sprites --out runs/sprites": "--steps 2 --batch-size 4",
     "retrieval train shapes:20000 --out runs/shapes --steps 4000 --batch-size 32 --mask per-sample --lr 5e-4 "
     "--critic-lr-scale 4":
         "--steps 2 --batch-size 4",
@@ -260,6 +264,8 @@ BUDGET = {
     ".venv/bin/python bench/train_throughput.py --repeats 5 --presets tiny,shapes,mnist,sprites,celeba-dcgan":
         "--repeats 1 --presets tiny",
     ".venv/bin/python bench/index_load.py --n 200000 --repeats 3": "--n 2000 --repeats 1",
+    "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name e2 --preset shapes --cfg "
+    "'{\"lambda_m\": 10, \"lambda_rec\": 10}' --minutes 12 --eval-every 4": "--minutes 0.02 --eval-every 0.02",
 }
 # validated inputs that only a GPU run would produce -> the same files of a run made here
 STAND_INS = {"runs/ablation-sprites/": "runs/ablation-shapes/"}

@@ -87,6 +87,20 @@ def test_a_time_budget_stops_the_run_and_a_resume_adds_no_step(tmp_path):
     assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == ckpt["step"]
 
 
+def test_the_papers_sprites_preset_still_trains():
+    from disentangle.step import MixingTrainer
+
+    trainer = MixingTrainer(PRESETS["sprites"], TrainConfig(batch_size=2), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1
+    mask = torch.tensor([True, False] * 4)
+    before = [p.detach().clone() for p in trainer.ae.parameters()]
+    losses = [trainer.step(x[:2], x[2:], mask) for _ in range(2)]
+    assert all(torch.isfinite(v).all() for step in losses for v in step.values())
+    assert set(losses[0]) >= {"loss_mix", "loss_c", "loss_g", "loss_d"}
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.ae.parameters()) if a.dim() > 1)
+
+
 def test_run_folder_holds_checkpoint_metrics_and_figure(tmp_path):
     train(Squares(), TINY, _config(figure_every=3), tmp_path)
     ckpt = checkpoint.load(tmp_path / "checkpoint.pt")
