@@ -132,7 +132,7 @@ PRESETS: dict[str, ModelConfig] = {
 # Training options a preset brings along, the setting it was measured with; each CLI option
 # given explicitly overrides its entry, and presets not listed take TrainConfig's defaults.
 RECIPES: dict[str, dict] = {
-    # about 50 minutes on 2 CPU cores (docs/results.md)
+    # about 48 minutes on 2 CPU cores at 272 pairs/s (docs/results.md, "How long the recipe takes")
     "sprites-cpu": {"steps": 12_000, "batch_size": 64, "lr": 5e-4, "mask": "per-sample"},
 }
 # The paper's own networks: a GPU job (weeks at the paper's 100,000 steps on a 2-core CPU)

@@ -65,7 +65,7 @@ def _default_preset(fmt: str, on_gpu: bool) -> str:
         return name
     cpu = CPU_STAND_IN[name]
     click.echo(f"no GPU: training the CPU recipe --preset {cpu} ({RECIPES[cpu]['steps']:,} steps, "
-               f"about an hour on 2 cores); --preset {name} trains the paper's networks on a GPU", err=True)
+               f"under an hour on 2 cores); --preset {name} trains the paper's networks on a GPU", err=True)
     return cpu
 
 
