@@ -48,10 +48,9 @@ def training_config(preset_name: str, variant: str, steps: int | None, minutes: 
                        checkpoint_every=every, figure_every=every)
 
 
-def _finished(ckpt: dict) -> bool:
-    tc = ckpt["train_config"]
-    spent = ckpt.get("train_seconds", 0.0)
-    return ckpt["step"] >= tc["steps"] or (tc.get("minutes", 0) > 0 and spent >= tc["minutes"] * 60)
+def _finished(ckpt: dict, tc: TrainConfig) -> bool:
+    """Whether the run in `ckpt` has spent the budget asked for now (steps or minutes)."""
+    return ckpt["step"] >= tc.steps or (tc.minutes > 0 and ckpt.get("train_seconds", 0.0) >= tc.minutes * 60)
 
 
 def run_variant(data: str, preset_name: str, tc: TrainConfig, out: Path, *, eval_split: str | None,
@@ -70,8 +69,7 @@ def run_variant(data: str, preset_name: str, tc: TrainConfig, out: Path, *, eval
                                  f"batch {saved['batch_size']}, lr {saved['lr']}, {saved['mask']} masks, "
                                  f"{saved.get('minutes', 0)} minutes, step {step}), not this request; "
                                  "choose another --out")
-        ckpt = {**ckpt, "train_config": {**saved, "steps": tc.steps}}  # the budget asked now
-    done = ckpt is not None and _finished(ckpt)
+    done = ckpt is not None and _finished(ckpt, tc)
     if done and report_path.exists():
         report = json.loads(report_path.read_text())
         if report.get("steps") == ckpt["step"] and report.get("split") == eval_split:

@@ -56,6 +56,11 @@ def torch_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _on_gpu(device: str) -> bool:
+    """Whether --device makes the run train on CUDA."""
+    return device == "cuda" or (device == "auto" and torch_cuda_available())
+
+
 def _default_preset(fmt: str, on_gpu: bool) -> str:
     """The format's preset; without a GPU, its CPU recipe where it has one (said on the terminal)."""
     from disentangle.config import CPU_STAND_IN, RECIPES
@@ -122,7 +127,7 @@ def train(data, preset, out, steps, batch_size, device, variant, mask, resume, f
         preset = checkpoint.load(Path(out) / "checkpoint.pt")["model_config"]["name"]
     if fmt is None:
         fmt = "shapes" if data.split(":")[0] == "shapes" else detect_format(data)
-    on_gpu = device == "cuda" or (device == "auto" and torch_cuda_available())
+    on_gpu = _on_gpu(device)
     cfg = get_preset(preset or _default_preset(fmt, on_gpu))
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "mask": mask}
     if not on_gpu and cfg.name in GPU_PRESETS and steps is None and not minutes:
@@ -405,7 +410,7 @@ def ablate(data, preset, variants, steps, minutes, out, batch_size, seed, eval_s
 
     if fmt is None:
         fmt = "shapes" if data.split(":")[0] == "shapes" else detect_format(data)
-    on_gpu = device == "cuda" or (device == "auto" and torch_cuda_available())
+    on_gpu = _on_gpu(device)
     result = run_ablation(data, preset or _default_preset(fmt, on_gpu), parse_variants(variants), steps, out,
                           minutes=minutes, batch_size=batch_size, seed=seed, eval_split=eval_split, fmt=fmt,
                           device=device, progress=True)

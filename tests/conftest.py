@@ -1,4 +1,5 @@
 """Fixtures shared across test modules: a tiny trained checkpoint and a shapes index, built once."""
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,22 @@ def api_index(tmp_path_factory, tiny_model) -> Path:
     out = tmp_path_factory.mktemp("api-idx") / "shapes"
     build_index("shapes:600", tiny_model, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def app(api_index):
+    from tests.test_api import _app
+
+    return _app(api_index)
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture()
+def own_index(api_index, tmp_path) -> Path:
+    """A copy of the shapes index that a test may rename chunks in."""
+    shutil.copytree(api_index, tmp_path / "idx")
+    return tmp_path / "idx"

@@ -35,23 +35,6 @@ def _app(index: Path, **config):
     return create_app({"INDEX": str(index), "TESTING": True, "TOKEN": None, **config})
 
 
-@pytest.fixture(scope="module")
-def app(api_index):
-    return _app(api_index)
-
-
-@pytest.fixture()
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture()
-def own_index(api_index, tmp_path) -> Path:
-    """A copy of the shapes index that a test may rename chunks in."""
-    shutil.copytree(api_index, tmp_path / "idx")
-    return tmp_path / "idx"
-
-
 def _error(response, status: int, match: str = "") -> str:
     """The response is a JSON error with this status and a message containing `match`."""
     assert response.status_code == status, response.get_data(as_text=True)

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -28,22 +27,6 @@ from retrieval.index import Index
 from tests.test_api import _app, _error, _png, _png_header, _post
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def app(api_index):
-    return _app(api_index)
-
-
-@pytest.fixture()
-def client(app):
-    return app.test_client()
-
-
-@pytest.fixture()
-def own_index(api_index, tmp_path) -> Path:
-    shutil.copytree(api_index, tmp_path / "idx")
-    return tmp_path / "idx"
 
 
 def _cli(*args):
