@@ -26,6 +26,10 @@ setup(
         "flask>=3.0",
         "waitress>=3.0",
         "threadpoolctl>=3.1",
+        "prometheus_client>=0.20",   # /metrics: the official Prometheus client
+        "apispec>=6.0",              # the OpenAPI document, generated from the request schemas
+        "marshmallow>=3.20",         # the request schemas that validate and document the API
+        "requests>=2.28",            # retrieval.client, the Python client for notebooks
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "schemathesis>=4.0,<5", "selenium>=4.20"],

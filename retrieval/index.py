@@ -302,10 +302,24 @@ class Index:
     def search(self, query: Query, chunks: Sequence[int], k: int = 10, *, offset: int = 0,
                weights: Sequence[float] | None = None, where: dict | None = None) -> dict:
         """The JSON-ready result of `retrieval search --json` and `GET /search`."""
-        exclude = [query.id] if query.id is not None else None
-        result = search(self.store, query.vector[None], list(chunks), k, weights=weights, offset=offset,
-                        exclude_ids=exclude, allowed=self.allowed(where))
-        found = [(int(i), float(d)) for i, d in zip(result.ids[0], result.distances[0]) if i >= 0]
-        hits = [{"id": r["id"], "key": r["key"], "distance": d, "attributes": r["attributes"]}
-                for r, (_, d) in zip(self.records([i for i, _ in found]), found)]
-        return {"query": query.describe(), "chunks": list(chunks), "k": k, "results": hits}
+        return self.search_many([query], chunks, k, offset=offset, weights=weights, where=where)[0]
+
+    def search_many(self, queries: Sequence[Query], chunks: Sequence[int], k: int = 10, *,
+                    offset: int = 0, weights: Sequence[float] | None = None,
+                    where: dict | None = None) -> list[dict]:
+        """Queries that share chunks, k, offset, weights and filters, answered by one call of the
+        search core (one pass over the chosen chunks for all of them); one result dict each, as
+        search() gives. A query by an indexed image never finds that image itself."""
+        if not queries:
+            return []
+        # one exclusion per query; -1 (an uploaded image) is an id no store holds, so excludes nothing
+        exclude = np.array([[-1 if q.id is None else q.id] for q in queries], dtype=np.int64)
+        result = search(self.store, np.stack([q.vector for q in queries]), list(chunks), k,
+                        weights=weights, offset=offset, exclude_ids=exclude, allowed=self.allowed(where))
+        found = [[(int(i), float(d)) for i, d in zip(ids, dists) if i >= 0]
+                 for ids, dists in zip(result.ids, result.distances)]
+        records = iter(self.records([i for row in found for i, _ in row]))
+        return [{"query": q.describe(), "chunks": list(chunks), "k": k,
+                 "results": [{"id": i, "key": r["key"], "distance": d, "attributes": r["attributes"]}
+                             for (i, d), r in zip(row, records)]}
+                for q, row in zip(queries, found)]
