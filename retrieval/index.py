@@ -22,6 +22,7 @@ from indexer import faiss_files
 from indexer.build import DATABASE, MODEL, read_manifest
 from indexer.schema import Chunk, Image, connect
 
+from .records import RecordLookup
 from .search import ChunkStore, search
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class Index:
         self.manifest = manifest
         self.n_chunks, self.chunk_dim = manifest["n_chunks"], manifest["chunk_dim"]
         self.engine = connect(self.path / DATABASE)
+        self._lookup = RecordLookup(self.engine)  # the per-request lookups, without the ORM
         try:
             with Session(self.engine) as s:
                 self.ids = np.array(s.scalars(select(Image.id).order_by(Image.id)).all(), dtype=np.int64)
@@ -152,8 +154,7 @@ class Index:
     # -- images ---------------------------------------------------------------------------
     def resolve(self, ref: str | int) -> int:
         """The id of an indexed image given by key or id."""
-        with self.engine.connect() as conn:
-            found = conn.scalar(select(Image.id).where(Image.key == str(ref)))
+        found = self._lookup.id_of(str(ref))
         if found is not None:
             return found
         text = str(ref).strip()
@@ -166,12 +167,7 @@ class Index:
 
     def records(self, ids: Sequence[int]) -> list[dict]:
         """id, key, path, split and attributes of each id, in the order given."""
-        ids = [int(i) for i in ids]
-        cols = (Image.id, Image.key, Image.path, Image.split, Image.attributes)
-        with self.engine.connect() as conn:  # plain rows: ORM objects cost more than the search
-            rows = {r[0]: r for r in conn.execute(select(*cols).where(Image.id.in_(ids)))}
-        return [{"id": i, "key": rows[i][1], "path": rows[i][2], "split": rows[i][3],
-                 "attributes": rows[i][4] or {}} for i in ids]
+        return self._lookup.records(ids)
 
     def features(self) -> np.ndarray:
         """All features (N, n_chunks, chunk_dim) float32, in id order (a copy)."""
