@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from flask import Blueprint, Response, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .state import resources
 
@@ -24,8 +25,7 @@ def health():
 @bp.get("/metrics")
 def metrics():
     r = resources()
-    text = r.metrics.render({"retrieval_index_images": ("Images in the served index.", len(r.index))})
-    return Response(text, mimetype="text/plain", content_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(r.metrics.render(len(r.index)), content_type=CONTENT_TYPE_LATEST)
 
 
 @bp.get("/openapi.json")

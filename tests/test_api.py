@@ -4,6 +4,7 @@ and `retrieval serve` as a real waitress process stopped by a signal."""
 import io
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -21,8 +22,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 from api import create_app
+from api.metrics import BUCKETS
 from disentangle.data import open_dataset
 from disentangle.errors import RetrievalError
 from indexer.build import build_index
@@ -457,26 +461,54 @@ def test_no_index_configured(monkeypatch):
         create_app({})
 
 
-def test_health_and_metrics(app):
-    client = app.test_client()
+def _scrape(client) -> tuple[dict[str, str], dict[tuple, float]]:
+    """GET /metrics read by prometheus_client's own parser: each family's type by its name, and
+    each sample's value by _sample(name, **labels)."""
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.content_type == CONTENT_TYPE_LATEST
+    families = list(text_string_to_metric_families(response.get_data(as_text=True)))
+    return {f.name: f.type for f in families}, {_sample(s.name, **s.labels): s.value for f in families for s in f.samples}
+
+
+def _sample(name: str, **labels: str) -> tuple:
+    return (name, *sorted(labels.items()))
+
+
+def test_health_and_metrics(api_index):
+    client = _app(api_index).test_client()  # a registry of its own: the counts are this test's requests
     health = client.get("/health").get_json()
     assert health == {"status": "ok", "images": 600, "n_chunks": 8, "chunk_dim": 4, "preset": "tiny",
                       "dataset_format": "shapes"}
-    client.get("/search?image=5&chunks=1")
-    client.get("/search?image=5&chunks=99")
-    response = client.get("/metrics")
-    assert response.content_type == "text/plain; version=0.0.4; charset=utf-8"
-    text = response.get_data(as_text=True)
+    for query in ("image=5&chunks=1", "image=6&chunks=2,4", "image=5&chunks=99"):
+        client.get(f"/search?{query}")
+    client.post("/search", data={"chunks": "1"})  # no file: 400
+    types, samples = _scrape(client)
 
-    def value(pattern: str) -> float:
-        return float(re.search("^" + re.escape(pattern) + r" (\S+)$", text, re.M).group(1))
+    def total(method: str, endpoint: str, status: int, name: str = "requests") -> float | None:
+        return samples.get(_sample(f"retrieval_http_{name}_total", method=method, endpoint=endpoint, status=str(status)))
 
-    assert value('retrieval_http_requests_total{method="GET",endpoint="/search",status="200"}') >= 1
-    assert value('retrieval_http_errors_total{method="GET",endpoint="/search",status="400"}') >= 1
-    count = value('retrieval_http_request_duration_seconds_count{endpoint="/search"}')
-    assert value('retrieval_http_request_duration_seconds_bucket{endpoint="/search",le="+Inf"}') == count >= 2
-    assert "# TYPE retrieval_http_request_duration_seconds histogram" in text
-    assert value("retrieval_index_images") == 600
+    assert total("GET", "/health", 200) == 1 and total("GET", "/search", 200) == 2
+    assert total("GET", "/search", 400) == total("POST", "/search", 400) == 1
+    assert total("GET", "/search", 400, "errors") == total("POST", "/search", 400, "errors") == 1
+    assert total("GET", "/search", 200, "errors") is None and total("GET", "/health", 200, "errors") is None
+    assert total("GET", "/metrics", 200) is None  # a request is counted once answered
+    histogram = "retrieval_http_request_duration_seconds"
+    buckets = {float(dict(labels)["le"]): value for (name, *labels), value in samples.items()
+               if name == f"{histogram}_bucket" and dict(labels)["endpoint"] == "/search"}
+    assert list(buckets) == [*BUCKETS, float("inf")]
+    assert list(buckets.values()) == sorted(buckets.values()) and buckets[float("inf")] == 4
+    assert samples[_sample(f"{histogram}_count", endpoint="/search")] == 4
+    assert samples[_sample(f"{histogram}_count", endpoint="/health")] == 1
+    assert samples[_sample(f"{histogram}_sum", endpoint="/search")] > 0
+    assert types["retrieval_http_requests"] == types["retrieval_http_errors"] == "counter"
+    assert types[histogram] == "histogram" and types["retrieval_index_images"] == "gauge"
+    assert samples[_sample("retrieval_index_images")] == 600
+    # the client's process and platform collectors, on the app's registry
+    assert samples[_sample("process_cpu_seconds_total")] > 0
+    assert samples[_sample("process_resident_memory_bytes")] > 0 and samples[_sample("process_open_fds")] > 0
+    assert 0 < samples[_sample("process_start_time_seconds")] <= time.time()
+    python_info = [dict(labels) for name, *labels in samples if name == "python_info"]
+    assert python_info[0]["version"] == platform.python_version()
 
 
 def _openapi_paths(app) -> set[str]:

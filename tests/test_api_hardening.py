@@ -24,7 +24,7 @@ from api.metrics import METHODS
 from api.server import make_server
 from retrieval.cli import main
 from retrieval.index import Index
-from tests.test_api import _app, _error, _png, _png_header, _post
+from tests.test_api import _app, _error, _png, _png_header, _post, _sample, _scrape
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -213,17 +213,18 @@ def test_invented_methods_and_paths_do_not_grow_the_metrics(api_index):
             client.get(f"/no-such-{i}")
 
     attack(0)
-    before = client.get("/metrics").get_data(as_text=True)
+    _, before = _scrape(client)
     attack(100)
-    after = client.get("/metrics").get_data(as_text=True)
-    assert len(after.splitlines()) == len(before.splitlines())  # counts grew, series did not
-    methods = set(re.findall(r'method="([^"]*)"', after))
-    endpoints = set(re.findall(r'endpoint="([^"]*)"', after))
+    _, after = _scrape(client)
+    assert set(after) == set(before)  # counts grew, series did not
+    labels = [dict(sample) for name, *sample in after if name.startswith("retrieval_http_")]
     rules = {r.rule for r in client.application.url_map.iter_rules()}
-    assert methods <= METHODS | {"other"} and "other" in methods
-    assert endpoints <= rules | {"unmatched"}
-    assert re.search(r'^retrieval_http_requests_total\{method="other",endpoint="unmatched",status="405"\} 200$',
-                     after, re.M)
+    assert {l["method"] for l in labels if "method" in l} == {"GET", "other"} <= METHODS | {"other"}
+    assert {l["endpoint"] for l in labels} <= rules | {"unmatched"}
+    for method, status in [("other", 405), ("other", 404), ("GET", 404)]:
+        for name in ("retrieval_http_requests_total", "retrieval_http_errors_total"):
+            key = _sample(name, method=method, endpoint="unmatched", status=str(status))
+            assert (before[key], after[key]) == (100, 200)
 
 
 # -- 4. the access log cannot be forged -------------------------------------------------------
