@@ -158,12 +158,13 @@ class Index:
         if found is not None:
             return found
         text = str(ref).strip()
-        if _INT.fullmatch(text):
-            i = int(text)
-            pos = np.searchsorted(self.ids, i)
-            if pos < len(self.ids) and self.ids[pos] == i:
-                return i
+        if _INT.fullmatch(text) and self._holds(int(text)):
+            return int(text)
         raise RetrievalError(f"no indexed image has key or id {str(ref)[:100]!r}")
+
+    def _holds(self, i: int) -> bool:
+        pos = np.searchsorted(self.ids, i)
+        return bool(pos < len(self.ids) and self.ids[pos] == i)
 
     def records(self, ids: Sequence[int]) -> list[dict]:
         """id, key, path, split and attributes of each id, in the order given."""
@@ -186,7 +187,10 @@ class Index:
         return self._model
 
     def query_for(self, ref: str | int) -> Query:
-        i = self.resolve(ref)
+        """The query of an indexed image: by key or id (a str), or by id (an int, e.g. resolved
+        already: no second key lookup)."""
+        known = isinstance(ref, (int, np.integer)) and self._holds(int(ref))
+        i = int(ref) if known else self.resolve(ref)
         return Query(self.store.vector(i), id=i, key=self.records([i])[0]["key"])
 
     def query_for_file(self, path: str | Path) -> Query:
