@@ -6,7 +6,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: test demo venv clean browser
+.PHONY: test demo venv cluster clean browser
 
 venv: $(VENV)/.installed
 
@@ -16,12 +16,18 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# the tests also cover the cluster extra (Ray, psycopg: docs/scale.md); `make demo` stays without it
+cluster: $(VENV)/.cluster
+$(VENV)/.cluster: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[dev,cluster]'
+	touch $@
+
 # tests/test_web.py drives headless Chromium; a fresh machine has none (apt-get update only if needed)
 APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver
 browser:
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || $(APT) || { apt-get update -q && $(APT); }
 
-test: venv browser
+test: venv cluster browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv

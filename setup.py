@@ -33,6 +33,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "schemathesis>=4.0,<5", "selenium>=4.20"],
+        # past one machine (docs/scale.md): shards and encoding on Ray, metadata in PostgreSQL
+        "cluster": ["ray[data]>=2.40", "psycopg[binary]>=3.1"],
     },
     entry_points={"console_scripts": ["retrieval=retrieval.cli:main"]},
 )

@@ -1,10 +1,10 @@
-"""`retrieval index`: encode a dataset into INDEX/ (manifest, SQLite metadata, one FAISS file per
-chunk, the model), incrementally and crash-safely.
+"""`retrieval index`: encode a dataset into INDEX/ (manifest, metadata in SQLite or PostgreSQL, one
+FAISS file per chunk, the model), incrementally and crash-safely.
 
 Crash safety rests on one order of writes: every batch of new images goes first into all chunk
-files (each replaced atomically), then into SQLite in one transaction. So the FAISS files hold
-a superset of the committed ids at every moment; opening the index for writing drops the ids
-SQLite never committed, and a kill -9 anywhere costs at most the batch in flight.
+files (each replaced atomically), then into the database in one transaction. So the FAISS files
+hold a superset of the committed ids at every moment; opening the index for writing drops the
+ids the database never committed, and a kill -9 anywhere costs at most the batch in flight.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
@@ -28,7 +28,7 @@ from disentangle.errors import RetrievalError
 
 from . import faiss_files
 from .encode import encode_batches, pick_device
-from .schema import Build, Chunk, Image, connect, now
+from .schema import Base, Build, Chunk, Image, connect, database_url, is_url, now
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,35 @@ def _prepare_folder(out: Path, sha: str, data_id: str, rebuild: bool) -> dict | 
     return manifest
 
 
+def metadata_target(out: Path, manifest: dict | None, db: str | None, rebuild: bool = False) -> str | Path:
+    """Where the index's metadata lives: --db (as given, password included), else the database
+    its manifest names, else INDEX/meta.sqlite; a RetrievalError when --db names another
+    database than the index's."""
+    kept = manifest.get("database") if manifest else None
+    bare = database_url(db) if db else None  # refuses anything but PostgreSQL
+    if manifest is not None and not rebuild and bare and bare != kept:
+        where = kept or f"its own {DATABASE}"
+        raise RetrievalError(f"{out} keeps its metadata in {where}, not in {bare}; give "
+                             "the same --db (or none), or pass --rebuild to start over elsewhere")
+    return db or kept or out / DATABASE
+
+
+def _open_server_database(url: str, new: bool, rebuild: bool):
+    """The engine on a server database with the index's tables; a new index's tables start empty."""
+    engine = connect(url)
+    if new:
+        with Session(engine) as s:
+            held = s.scalar(select(func.count(Image.id))) if inspect(engine).has_table("images") else 0
+        if held and not rebuild:
+            raise RetrievalError(f"{database_url(url)} already holds the metadata of {held} images of another index; "
+                                 "give an empty database, or pass --rebuild to replace them")
+        Base.metadata.drop_all(engine)  # also the chunk rows of a start killed before its manifest
+    Base.metadata.create_all(engine)
+    return engine
+
+
 def open_chunk_files(out: Path, engine, n_chunks: int, dim: int) -> list:
-    """The chunk indexes, reconciled with SQLite: ids it never committed are dropped."""
+    """The chunk indexes, reconciled with the database: ids it never committed are dropped."""
     with Session(engine) as s:
         committed = np.array(s.scalars(select(Image.id).order_by(Image.id)).all(), dtype=np.int64)
     indexes = []
@@ -118,7 +145,7 @@ def open_chunk_files(out: Path, engine, n_chunks: int, dim: int) -> list:
             index.remove_ids(extra)
             faiss_files.write_atomic(index, path)
         if not np.array_equal(faiss_files.ids_of(index), committed):
-            raise RetrievalError(f"{path} disagrees with {out / DATABASE} ({index.ntotal} vs "
+            raise RetrievalError(f"{path} disagrees with the metadata of {out} ({index.ntotal} vs "
                                  f"{len(committed)} images); rebuild with --rebuild")
         indexes.append(index)
     return indexes
@@ -127,8 +154,10 @@ def open_chunk_files(out: Path, engine, n_chunks: int, dim: int) -> list:
 def build_index(data: str, model_path: str | Path, out: str | Path, *, fmt: str | None = None,
                 split: str | None = None, rebuild: bool = False, batch_size: int = 256,
                 device: str = "auto", bf16: bool = False, workers: int | None = None,
-                skip_bad: bool = False, progress: bool = False, commit_every: int = 4096) -> BuildReport:
-    """Add every image of `data` whose key is new to the index in `out` (created if needed)."""
+                skip_bad: bool = False, progress: bool = False, commit_every: int = 4096,
+                db: str | None = None) -> BuildReport:
+    """Add every image of `data` whose key is new to the index in `out` (created if needed);
+    db, a postgresql:// URL, keeps a new index's metadata in that database instead of SQLite."""
     t0 = time.perf_counter()
     out, model_path = Path(out), Path(model_path)
     ckpt = checkpoint.load(model_path)
@@ -138,14 +167,19 @@ def build_index(data: str, model_path: str | Path, out: str | Path, *, fmt: str 
     ds = open_dataset(data, size=cfg.image_size, format=fmt, split=split, skip_bad=skip_bad,
                       progress=progress)
     data_id = str(ds.root) if ds.root is not None else ds.format
+    target = metadata_target(out, read_manifest(out), db, rebuild)
     manifest = _prepare_folder(out, sha, data_id, rebuild)
     out.mkdir(parents=True, exist_ok=True)
-    engine = connect(out / DATABASE, create=True)
+    if is_url(target):
+        engine = _open_server_database(target, manifest is None, rebuild)
+    else:
+        engine = connect(target, create=True)
     if manifest is None:  # a new index: the manifest is written last, once the rest exists
         checkpoint.save_atomic(_serving_model(ckpt), out / MODEL)
         manifest = {"format_version": FORMAT_VERSION, "checkpoint_sha256": sha, "preset": cfg.name,
                     "n_chunks": cfg.n_chunks, "chunk_dim": cfg.chunk_dim, "dataset": data_id,
-                    "dataset_format": ds.format, "image_size": cfg.image_size, "count": 0}
+                    "dataset_format": ds.format, "image_size": cfg.image_size, "count": 0,
+                    **({"database": database_url(target)} if is_url(target) else {})}
         with Session(engine) as s, s.begin():
             s.add_all(Chunk(index=c) for c in range(cfg.n_chunks))
         write_manifest(out, manifest)

@@ -265,14 +265,17 @@ def demo(out, images, steps, fresh, no_serve, host, port):
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images instead of stopping.")
 @click.option("--commit-every", type=int, default=4096, show_default=True,
               help="Images encoded between commits; a crash loses at most this many.")
+@click.option("--db", envvar="RETRIEVAL_DB", metavar="URL",
+              help="Keep the metadata in this PostgreSQL database (postgresql://USER@HOST:PORT/NAME; "
+                   "password from PGPASSWORD) instead of INDEX/meta.sqlite.  [env: RETRIEVAL_DB]")
 def index(data, model_path, out, split, fmt, rebuild, batch_size, device, bf16, workers, skip_bad,
-          commit_every):
-    """Encode DATA into per-chunk FAISS indexes with metadata in SQLite (adds only new images)."""
+          commit_every, db):
+    """Encode DATA into per-chunk FAISS indexes with metadata in SQLite or PostgreSQL (adds only new images)."""
     from indexer.build import build_index
 
     report = build_index(data, model_path, out, fmt=fmt, split=split, rebuild=rebuild,
                          batch_size=batch_size, device=device, bf16=bf16, workers=workers,
-                         skip_bad=skip_bad, progress=True, commit_every=commit_every)
+                         skip_bad=skip_bad, progress=True, commit_every=commit_every, db=db)
     click.echo(f"{out}: {report.added} images added, {report.already_indexed} already indexed, "
                f"{report.total} in all ({report.seconds:.1f} s)")
 

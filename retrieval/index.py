@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import cast, func, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
 
@@ -119,13 +120,17 @@ class Index:
                                  "`retrieval index DATA --model CKPT --out INDEX`")
         self.manifest = manifest
         self.n_chunks, self.chunk_dim = manifest["n_chunks"], manifest["chunk_dim"]
-        self.engine = connect(self.path / DATABASE)
+        database = manifest.get("database")  # a server database's URL; else the index's SQLite file
+        self.engine = connect(database or self.path / DATABASE)
         self._lookup = RecordLookup(self.engine)  # the per-request lookups, without the ORM
         try:
             with Session(self.engine) as s:
                 self.ids = np.array(s.scalars(select(Image.id).order_by(Image.id)).all(), dtype=np.int64)
                 self._names = {c.index: c.name for c in s.scalars(select(Chunk))}
-        except DatabaseError:
+        except DatabaseError as e:
+            if database:  # unreachable, refused, or without the tables: the driver's first line says which
+                raise RetrievalError(f"cannot read the metadata of {self.path} from {database}: "
+                                     f"{str(e.orig).strip().splitlines()[0]}") from None
             raise RetrievalError(f"{self.path / DATABASE} is not a readable database (corrupted?); "
                                  "rebuild the index with --rebuild") from None
         self._faiss = [faiss_files.read(faiss_files.chunk_path(self.path, c)) for c in range(self.n_chunks)]
@@ -258,8 +263,8 @@ class Index:
 
     # -- search ---------------------------------------------------------------------------
     def allowed(self, where: dict[str, int | str | tuple] | None = None) -> np.ndarray | None:
-        """Boolean mask over the stored images for attribute (and 'split') filters, run in SQLite;
-        every filter must hold (parse_where)."""
+        """Boolean mask over the stored images for attribute (and 'split') filters, run in the
+        metadata database; every filter must hold (parse_where)."""
         if not where:
             return None
         cache_key = tuple(sorted(where.items(), key=str))
@@ -270,7 +275,7 @@ class Index:
             for name, values in where.items():
                 for value in values if isinstance(values, tuple) else (values,):  # all must hold
                     query = query.where(Image.split == str(value) if name == "split"
-                                        else self._attribute(name) == value)
+                                        else self._equals(name, value))
             with Session(self.engine) as s:
                 hits = np.array(s.scalars(query).all(), dtype=np.int64)
             unknown = [n for n in where if n != "split" and not self._has_attribute(n)]
@@ -284,11 +289,21 @@ class Index:
                 self._masks[cache_key] = mask
         return mask
 
-    @staticmethod
-    def _attribute(name: str):
+    def _attribute(self, name: str):
+        """The attribute's JSON value as SQL: SQLite's json_extract gives a number or text, so an int
+        matches JSON numbers and a str JSON strings; PostgreSQL's -> gives json, compared as jsonb
+        (json has no equality) to the value's own JSON, which keeps the same typed match."""
         if '"' in name or "\\" in name:
             raise RetrievalError(f"attribute name {name!r} cannot contain quotes or backslashes")
-        return func.json_extract(Image.attributes, f'$."{name}"')
+        if self.engine.dialect.name == "sqlite":
+            return func.json_extract(Image.attributes, f'$."{name}"')
+        return cast(Image.attributes[name], JSONB)
+
+    def _equals(self, name: str, value: int | str):
+        """SQL that holds where attribute `name` has `value`."""
+        if self.engine.dialect.name == "sqlite":
+            return self._attribute(name) == value
+        return self._attribute(name) == cast(value, JSONB)  # the bind is the value's JSON
 
     def _has_attribute(self, name: str) -> bool:
         with Session(self.engine) as s:

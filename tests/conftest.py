@@ -44,3 +44,13 @@ def own_index(api_index, tmp_path) -> Path:
     """A copy of the shapes index that a test may rename chunks in."""
     shutil.copytree(api_index, tmp_path / "idx")
     return tmp_path / "idx"
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server on a loopback port for the whole session (tests/postgres.py)."""
+    from tests.postgres import Server
+
+    server = Server().start()
+    yield server
+    server.stop()

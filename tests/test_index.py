@@ -1,9 +1,9 @@
 """`retrieval index / search / chunks / export`: the index round-trips, grows incrementally,
-survives kill -9, and answers exactly like a float64 brute force over the exported features."""
+survives kill -9, and answers exactly like a float64 brute force over the exported features;
+every test runs with the metadata in SQLite and again in PostgreSQL (a throwaway server)."""
 import hashlib
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,7 +16,8 @@ from PIL import Image
 from disentangle.config import PRESETS, TrainConfig
 from disentangle.data import open_dataset
 from indexer import faiss_files
-from indexer.build import build_index
+from indexer.build import DATABASE, build_index
+from indexer.schema import Base, connect
 from disentangle.errors import RetrievalError
 from retrieval.index import Index
 from tests.test_cli import SHARED, fails, ok
@@ -31,11 +32,62 @@ def model(tiny_model) -> Path:
     return tiny_model
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture()
+def db(backend, request) -> str | None:
+    """What `--db` a test's own index gets: None (SQLite in the index) or a new PostgreSQL database."""
+    return request.getfixturevalue("postgres").database() if backend == "postgresql" else None
+
+
 @pytest.fixture(scope="module")
-def index(tmp_path_factory, model) -> Path:
+def index(tmp_path_factory, model, backend, request) -> Path:
     out = tmp_path_factory.mktemp("idx") / "shapes"
-    build_index("shapes:600", model, out)
+    build_index("shapes:600", model, out, db=request.getfixturevalue("postgres").database()
+                if backend == "postgresql" else None)
     return out
+
+
+def _engine(index: Path):
+    """An engine on the index's metadata, wherever it lives."""
+    return connect(json.loads((index / "manifest.json").read_text()).get("database") or index / DATABASE)
+
+
+def _count(index: Path) -> int:
+    """Images committed to the index's metadata, or -1 while it cannot be read."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DatabaseError
+
+    engine = _engine(index)
+    try:
+        with engine.connect() as conn:
+            return conn.scalar(text("select count(*) from images"))
+    except DatabaseError:
+        return -1
+    finally:
+        engine.dispose()
+
+
+def _copy(index: Path, to: Path, db: str | None) -> Path:
+    """A copy of the index that a test may write to: its folder, and its tables into db."""
+    import shutil
+
+    from sqlalchemy import insert, select
+
+    shutil.copytree(index, to)
+    if db is not None:
+        source, target = _engine(index), connect(db, create=True)
+        with source.connect() as read, target.begin() as write:
+            for table in Base.metadata.sorted_tables:
+                rows = [dict(r._mapping) for r in read.execute(select(table))]
+                if rows:
+                    write.execute(insert(table), rows)
+        manifest = json.loads((to / "manifest.json").read_text())
+        (to / "manifest.json").write_text(json.dumps({**manifest, "database": db}))
+    return to
 
 
 def _brute(features, ids, q, chunks, weights, allowed=None, exclude=None):
@@ -61,8 +113,11 @@ def test_index_files_agree(index):
     manifest = json.loads((index / "manifest.json").read_text())
     assert manifest["count"] == 600 and manifest["n_chunks"] == 8 and manifest["chunk_dim"] == 4
     assert manifest["preset"] == "tiny" and manifest["dataset_format"] == "shapes"
-    db = sqlite3.connect(index / "meta.sqlite")
-    assert db.execute("select count(*), count(distinct key) from images").fetchone() == (600, 600)
+    from sqlalchemy import text
+
+    with _engine(index).connect() as conn:
+        assert tuple(conn.execute(text("select count(*), count(distinct key) from images")).one()) == (600, 600)
+    assert (index / DATABASE).exists() == ("database" not in manifest)
     for c in range(8):
         assert faiss_files.read(faiss_files.chunk_path(index, c)).ntotal == 600
     assert (index / "model.pt").exists()
@@ -139,11 +194,8 @@ def test_query_by_id_key_and_file_agree(index, tmp_path, model):
     assert [r["key"] for r in by_file["results"][1:]] == [r["key"] for r in by_key["results"][:9]]
 
 
-def test_chunk_names(index, tmp_path):
-    import shutil
-
-    copy = tmp_path / "idx"
-    shutil.copytree(index, copy)
+def test_chunk_names(index, tmp_path, db):
+    copy = _copy(index, tmp_path / "idx", db)
     ok("chunks", copy, "--name", "3", "Hair colour")
     assert "3  Hair colour" in ok("chunks", copy).output
     a = json.loads(ok("search", copy, "--image", "shape_000001", "--chunks", "HAIR_COLOUR,2", "--json").output)
@@ -182,7 +234,7 @@ def test_missing_or_corrupted_index_file(index, tmp_path):
     import shutil
 
     broken = tmp_path / "broken"
-    shutil.copytree(index, broken)
+    shutil.copytree(index, broken)  # the metadata is only read
     (broken / "chunk_5.faiss").write_bytes(b"garbage" * 10)
     fails("search", broken, "--image", "shape_000001", "--chunks", "1", match="chunk_5.faiss")
     (broken / "chunk_5.faiss").unlink()
@@ -190,9 +242,9 @@ def test_missing_or_corrupted_index_file(index, tmp_path):
     fails("search", tmp_path / "nothing", "--image", "x", "--chunks", "1", match="not an index")
 
 
-def test_incremental_and_checkpoint_mismatch(tmp_path, model):
+def test_incremental_and_checkpoint_mismatch(tmp_path, model, db):
     out = tmp_path / "idx"
-    assert build_index("shapes:300", model, out).added == 300
+    assert build_index("shapes:300", model, out, db=db).added == 300
     again = build_index("shapes:500", model, out)
     assert (again.added, again.already_indexed, again.total) == (200, 300, 500)
     assert build_index("shapes:500", model, out).added == 0
@@ -207,26 +259,25 @@ def test_incremental_and_checkpoint_mismatch(tmp_path, model):
     fails("index", "shapes:500", "--model", run2 / "checkpoint.pt", "--out", out, match="--rebuild")
     assert _folder_hash(out) == before
     ok("index", "shapes:500", "--model", run2 / "checkpoint.pt", "--out", out, "--rebuild")
-    assert Index(out).manifest["count"] == 500
+    assert Index(out).manifest["count"] == 500 and _count(out) == 500
+    assert Index(out).manifest.get("database") == db  # a rebuild keeps the index's database
 
 
-def test_out_folder_that_is_not_an_index_is_left_alone(tmp_path, model):
+def test_out_folder_that_is_not_an_index_is_left_alone(tmp_path, model, db):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    fails("index", "shapes:50", "--model", model, "--out", tmp_path / "mine", match="not an index")
+    fails("index", "shapes:50", "--model", model, "--out", tmp_path / "mine", *(["--db", db] if db else []),
+          match="not an index")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
-def test_kill_9_then_rerun_ends_consistent(tmp_path, model):
+def test_kill_9_then_rerun_ends_consistent(tmp_path, model, db):
     out = tmp_path / "idx"
     cmd = [sys.executable, "-m", "retrieval", "index", "shapes:6000", "--model", str(model),
-           "--out", str(out), "--commit-every", "200", "--batch-size", "50"]
+           "--out", str(out), "--commit-every", "200", "--batch-size", "50", *(["--db", db] if db else [])]
 
     def committed() -> int:
-        try:
-            return sqlite3.connect(out / "meta.sqlite").execute("select count(*) from images").fetchone()[0]
-        except sqlite3.Error:
-            return -1
+        return _count(out) if (out / "manifest.json").exists() else -1
 
     seen = []
     # the first kill lands as the folder is being created, before its manifest; the others land
@@ -243,9 +294,8 @@ def test_kill_9_then_rerun_ends_consistent(tmp_path, model):
         seen.append(committed())
     assert max(seen) > 0 and max(seen) < 6000, seen  # the kills did land mid-build
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    db = sqlite3.connect(out / "meta.sqlite")
-    assert db.execute("select count(*), count(distinct key) from images").fetchone() == (6000, 6000)
-    ids = np.array([r[0] for r in db.execute("select id from images order by id")])
+    assert _count(out) == 6000 and len(set(Index(out).keys())) == 6000
+    ids = Index(out).ids
     for c in range(8):
         np.testing.assert_array_equal(faiss_files.ids_of(faiss_files.read(faiss_files.chunk_path(out, c))), ids)
     assert json.loads((out / "manifest.json").read_text())["count"] == 6000
