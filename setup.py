@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["disentangle*", "indexer*", "retrieval*", "api*"]),
     include_package_data=True,
-    package_data={"api": ["openapi.json", "static/*"]},  # the web page and OpenAPI document ship with the package
+    package_data={"api": ["static/*"]},  # the web page ships with the package
     install_requires=[
         # torch 2.14.1 / torchvision 0.29.1 lie on the build machines' disk; keep them admitted.
         "torch>=2.3,<=2.14.1",

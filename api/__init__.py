@@ -14,7 +14,7 @@ from flask import Flask, current_app, g, request
 from disentangle.errors import RetrievalError
 from retrieval.index import Index
 
-from . import chunks, errors, images, ops, search, web
+from . import chunks, errors, images, openapi, ops, search, web
 from .hosts import check_host, host_names
 from .metrics import Metrics
 from .pixels import ImageSource
@@ -32,9 +32,13 @@ DEFAULTS = {
     "ALLOWED_HOSTS": [],                    # Host names answered besides localhost, 127.0.0.1 and ::1
     "MAX_K": 1000,                          # results per page
     "MAX_OFFSET": 100_000,                  # how deep a client may page
+    "MAX_BATCH": 64,                        # queries per POST /search/batch
     "IMAGE_MAX_AGE": 86_400,                # seconds browsers may cache images (ids never change)
     "STRIP_IMAGES": 6,                      # donors per chunk strip
 }
+
+
+BLUEPRINTS = (search, images, chunks, ops, web)
 
 
 def create_app(test_config: dict | None = None) -> Flask:
@@ -56,8 +60,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.extensions["retrieval"] = Resources(index, ImageSource(index.manifest), Metrics())
 
     errors.register(app)
-    for module in (search, images, chunks, ops, web):
+    for module in BLUEPRINTS:
         app.register_blueprint(module.bp)
+    app.extensions["openapi"] = openapi.document(app)
     app.before_request(_start_clock)
     app.before_request(check_host)
     app.after_request(_finish)

@@ -8,20 +8,16 @@ import ipaddress
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
-from . import params, render
+from . import render, schemas
 from .errors import ApiError
 from .hosts import LOOPBACK, bare_host
+from .openapi import ChunkList, error, json_response, media, operation
 from .pixels import png_bytes, png_response
 from .state import resources
 
 bp = Blueprint("chunks", __name__)
 
-
-def _chunk(i: int) -> int:
-    n = resources().index.n_chunks
-    if not 0 <= i < n:
-        raise ApiError(404, f"no chunk {i}: chunks are 0..{n - 1}")
-    return i
+CHUNK_REF, CHUNK_NAME, STRIP = schemas.ChunkRef(), schemas.ChunkName(), schemas.Strip()
 
 
 def _listing() -> dict:
@@ -32,30 +28,45 @@ def _listing() -> dict:
 
 
 @bp.get("/chunks")
+@operation(responses={200: json_response("The chunks", ChunkList)})
 def listing():
+    """The chunks with their names and strip URLs."""
     return jsonify(_listing())
 
 
 @bp.put("/chunks/<int:i>")
-def name(i: int):
-    """Set (or with null / "" clear) a chunk's name; body {"name": ...}. The grammar of names is
-    the index's (retrieval.index.clean_chunk_name), the same for the CLI."""
+@operation(path=CHUNK_REF, body={"application/json": CHUNK_NAME}, security=[{}, {"bearer": []}], responses={
+    200: json_response("The chunks after naming", ChunkList),
+    400: error("Bad body, a name outside the grammar, or a name another chunk has"),
+    401: error("The server has a token and the request did not send it"),
+    403: error("No token configured and the request is not from loopback"),
+    404: error("No such chunk")})
+def name(args: dict):
+    """Name a chunk (null or "" clears the name).
+
+    With RETRIEVAL_TOKEN set, needs 'Authorization: Bearer TOKEN' (scheme in any case); without
+    one, only requests from loopback that name the server by a loopback host may name chunks. The
+    grammar of names is the index's (retrieval.index.clean_chunk_name), the same for the CLI."""
     _require_naming_rights()
-    body = _small_json()
-    if not isinstance(body, dict) or "name" not in body or not isinstance(body["name"], (str, type(None))):
-        raise ApiError(400, 'send a JSON body {"name": "hair colour"} (null or "" clears the name)')
+    body = schemas.load(CHUNK_NAME, _small_json())
     r = resources()
     with r.write_lock:
-        r.index.name_chunk(str(_chunk(i)), body["name"])
+        r.index.name_chunk(str(args["i"]), body["name"])
     return jsonify(_listing())
 
 
 @bp.get("/chunks/<int:i>/strip.png")
-def strip(i: int):
-    """PNG: donors on top, a base at the left, below each donor the base with chunk i from it."""
+@operation(path=CHUNK_REF, query=STRIP, responses={
+    200: media("The strip", "image/png"), 400: error("Bad n"),
+    404: error("No such chunk, or pixels not available here")})
+def strip(args: dict):
+    """What a chunk changes (PNG).
+
+    Donors along the top, one base image at the left, and under each donor the base with chunk i
+    taken from that donor."""
     r = resources()
-    n = params.integer(request.args, "n", current_app.config["STRIP_IMAGES"], 1, 12)
-    key = (_chunk(i), n)
+    i, n = args["i"], args["n"]
+    key = (i, n)
     if key not in r.strips:
         base, *donors = [r.images.pixels(rec) for rec in r.index.records(render.strip_ids(r.index.ids, n))]
         with r.model_lock:

@@ -1,21 +1,19 @@
 """Operations: /health, /metrics (Prometheus text) and the OpenAPI document."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .openapi import Health, json_response, operation
 from .state import resources
 
 bp = Blueprint("ops", __name__)
 
-OPENAPI = Path(__file__).with_name("openapi.json")
-
 
 @bp.get("/health")
+@operation(responses={200: json_response("Serving", Health)})
 def health():
+    """Liveness and what is served."""
     idx = resources().index
     return jsonify({"status": "ok", "images": len(idx), "n_chunks": idx.n_chunks,
                     "chunk_dim": idx.chunk_dim, "preset": idx.manifest["preset"],
@@ -29,5 +27,7 @@ def metrics():
 
 
 @bp.get("/openapi.json")
+@operation(responses={200: json_response("OpenAPI 3", {"type": "object"})})
 def openapi():
-    return jsonify(json.loads(OPENAPI.read_text(encoding="utf-8")))
+    """This document, generated from the request schemas when the app was created."""
+    return jsonify(current_app.extensions["openapi"])

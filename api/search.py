@@ -1,59 +1,145 @@
-"""GET /search (query by an indexed image) and POST /search (query by an uploaded file)."""
+"""GET /search (query by an indexed image), POST /search (query by an uploaded file) and
+POST /search/batch (several queries, each group of equal options answered by one search-core call)."""
 from __future__ import annotations
 
+import json
+
+import torch
 from flask import Blueprint, current_app, jsonify, request, url_for
 
+from disentangle.errors import RetrievalError
 from retrieval.index import Query
 
-from . import params
+from . import schemas
 from .errors import ApiError
+from .openapi import BatchResult, SearchResult, error, json_response, operation
 from .state import Resources, resources
 from .uploads import fit_upload
 
 bp = Blueprint("search", __name__)
 
+SEARCH_BY_IMAGE, SEARCH_BY_UPLOAD = schemas.SearchByImage(), schemas.SearchByUpload()
+BATCH, BATCH_FORM = schemas.Batch(), schemas.BatchForm()
+OPTIONS = ("chunks", "k", "offset", "weights", "where")  # what Index.search_many takes besides the queries
+
 
 @bp.get("/search")
-def by_image():
-    r = resources()
-    query = r.index.query_for(params.image_id(r.index, request.args.get("image")))
-    return jsonify(_search(r, query, _options(r, request.args)))
+@operation(query=SEARCH_BY_IMAGE, responses={
+    200: json_response("Results, best first", SearchResult),
+    400: error("Bad chunks, k, offset, weights or where"),
+    404: error("No indexed image has that key or id")})
+def by_image(args: dict):
+    """Nearest images to an indexed image by the chosen chunks.
+
+    The same result as `retrieval search --json`, with each image's URL."""
+    return jsonify(_answer(resources(), [args.pop("image")], args)[0])
 
 
 @bp.post("/search")
-def by_upload():
+@operation(form=SEARCH_BY_UPLOAD, responses={
+    200: json_response("Results, best first", SearchResult),
+    400: error("No file, truncated or corrupt image, too many pixels, decompression bomb, or bad fields"),
+    413: error("The body is larger than the upload limit"),
+    415: error("Not an image, or not JPEG/PNG/WebP")})
+def by_upload(args: dict):
+    """Nearest images to an uploaded image by the chosen chunks.
+
+    The fields may also be given in the query string."""
     r = resources()
-    upload = request.files.get("file")
-    if upload is None:
-        raise ApiError(400, "POST a multipart/form-data body with the query image in the field 'file'")
-    options = _options(r, request.values)  # form fields, or the same fields in the query string
     cfg = current_app.config
-    pixels, name = fit_upload(r.index, upload, cfg["MAX_IMAGE_PIXELS"], cfg["MAX_IMAGE_SIDE"])
+    pixels, name = fit_upload(r.index, args.pop("file"), cfg["MAX_IMAGE_PIXELS"], cfg["MAX_IMAGE_SIDE"])
     with r.model_lock:  # the encoder only: decoding above runs in parallel
         query = r.index.query_for_pixels(pixels, file=name)
-    return jsonify(_search(r, query, options))
+    return jsonify(_answer(r, [query], args)[0])
 
 
-def _options(r: Resources, values) -> dict:
-    """The validated chunks, k, offset, weights and where-filters shared by both searches."""
+@bp.post("/search/batch")
+@operation(body={"application/json": BATCH, "multipart/form-data": BATCH_FORM}, responses={
+    200: json_response("One answer per query, in the order given", BatchResult),
+    400: error("A bad query (the message names its position), too many queries, or a bad upload"),
+    404: error("A query's image is not indexed"),
+    413: error("The body is larger than the upload limit"),
+    415: error("Neither JSON nor multipart/form-data, or an upload that is not a JPEG, PNG or WebP image")})
+def batch():
+    """Several searches in one request, each with its own chunks, k, offset, weights and where.
+
+    A JSON body {"queries": [{"image": "KEY_OR_ID", "chunks": "2,4", "k": 10}, ...]}, or
+    multipart/form-data with that JSON in the field queries and the uploaded images in file fields
+    that queries name as {"file": "FIELDNAME"}. Each query is checked as GET /search checks its
+    parameters and answered as GET (or POST) /search would answer it; one bad query fails the
+    whole batch. Queries with equal options are answered by one call of the search core."""
+    r = resources()
+    queries = schemas.load(BATCH, _batch_body())["queries"]
+    uploads = _uploads(r, queries)
+    groups: dict[tuple, list[int]] = {}
+    for pos, q in enumerate(queries):
+        where = tuple(sorted(q["where"].items(), key=str))
+        groups.setdefault((tuple(q["chunks"]), q["k"], q["offset"], q["weights"] and tuple(q["weights"]), where),
+                          []).append(pos)
+    results = [None] * len(queries)
+    for positions in groups.values():
+        options = {name: queries[positions[0]][name] for name in OPTIONS}
+        group = [queries[p]["image"] if "image" in queries[p] else uploads[queries[p]["file"]] for p in positions]
+        try:
+            answers = _answer(r, group, options)
+        except RetrievalError as e:  # a filter on an attribute no image has
+            raise ApiError(400, f"queries[{positions[0]}]: {e}") from None
+        for pos, answer in zip(positions, answers):
+            results[pos] = answer
+    return jsonify({"results": results})
+
+
+def _batch_body():
+    """The batch's JSON: the body itself, or the form field 'queries' of a multipart body."""
+    if request.mimetype == "multipart/form-data":
+        text = schemas.load(BATCH_FORM, schemas.values(BATCH_FORM, request.form))["queries"]
+    elif request.is_json:
+        text = request.get_data(cache=False)
+    else:
+        raise ApiError(415, 'send the queries as application/json {"queries": [...]}, or as '
+                            "multipart/form-data with that JSON in the field 'queries' and the uploaded images")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ApiError(400, 'the queries are not JSON; send {"queries": [{"image": "KEY_OR_ID", '
+                            '"chunks": "2,4"}, ...]}') from None
+
+
+def _uploads(r: Resources, queries: list[dict]) -> dict[str, Query]:
+    """The Query of each uploaded image the batch names: each decoded once, all encoded in one pass."""
+    first: dict[str, int] = {}  # form field -> position of the first query naming it
+    for pos, q in enumerate(queries):
+        if "file" in q:
+            first.setdefault(q["file"], pos)
+    if not first:
+        return {}
     cfg = current_app.config
-    chunks = params.chunks(r.index, values.get("chunks"))
-    return {"chunks": chunks, "k": params.integer(values, "k", 10, 1, cfg["MAX_K"]),
-            "offset": params.integer(values, "offset", 0, 0, cfg["MAX_OFFSET"]),
-            "weights": params.weights(values.get("weights"), len(chunks)),
-            "where": params.where(values.getlist("where"))}
+    fitted = []
+    for field, pos in first.items():
+        try:
+            fitted.append(fit_upload(r.index, request.files[field], cfg["MAX_IMAGE_PIXELS"], cfg["MAX_IMAGE_SIDE"]))
+        except ApiError as e:
+            raise ApiError(e.status, f"queries[{pos}]: {e}", e.code) from None
+    # each image scaled as Index.query_for_pixels scales one, then all through the encoder at once
+    x = torch.cat([torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1 for pixels, _ in fitted])
+    with r.model_lock, torch.no_grad():
+        features = r.index.model.encode(x).numpy()  # (B, 3, size, size) -> (B, chunks, dim)
+    return {field: Query(f, file=name) for field, f, (_, name) in zip(first, features, fitted)}
 
 
-def _search(r: Resources, query: Query, options: dict) -> dict:
-    """Search, and add the URL of each image to the core's result."""
+def _answer(r: Resources, queries: list[Query], options: dict) -> list[dict]:
+    """Search with queries sharing their options, and add each image's URL and the offset to the
+    core's results."""
     if options["where"]:
         with r.filter_lock:  # the index's cache of filter masks is a plain dict, evicted unlocked
-            result = r.index.search(query, **options)
+            results = r.index.search_many(queries, **options)
     else:
-        result = r.index.search(query, **options)
-    if query.id is not None:
-        result["query"]["url"] = url_for("images.image", ref=query.id)
-    for hit in result["results"]:
-        hit["url"] = url_for("images.image", ref=hit["id"])
-    result["offset"] = options["offset"]
-    return result
+        results = r.index.search_many(queries, **options)
+    images = url_for("images.image", ref=0).removesuffix("0")  # '/images/': url_for once, not per hit
+    for query, result in zip(queries, results):
+        if query.id is not None:
+            result["query"]["url"] = f"{images}{query.id}"
+        for hit in result["results"]:
+            hit["url"] = f"{images}{hit['id']}"
+        result["offset"] = options["offset"]
+    return results

@@ -450,7 +450,7 @@ def test_unexpected_failures_are_a_json_500_without_traceback(app, monkeypatch):
     def boom(*a, **k):
         raise ZeroDivisionError("secret detail")
 
-    monkeypatch.setattr(app.extensions["retrieval"].index, "search", boom)
+    monkeypatch.setattr(app.extensions["retrieval"].index, "search_many", boom)
     message = _error(app.test_client().get("/search?image=5&chunks=1"), 500)
     assert "secret" not in message and "ZeroDivision" not in message
 
@@ -523,6 +523,94 @@ def test_openapi_covers_every_route(app):
     routes["/search"] = {"GET", "POST"}  # two rules, one path
     documented = {p: {m.upper() for m in ops} for p, ops in doc["paths"].items()}
     assert documented == routes
+    assert {(p, m) for p, ops in doc["paths"].items() for m in ops} == set(OPERATIONS)  # all fuzzed
+
+
+def _declared(view) -> dict[str, tuple]:
+    """Where each parameter or body field of a view's schemas is (location, media type), by name."""
+    out = {}
+    for parameter in view.openapi["parameters"]:
+        out.update({name: (parameter["in"],) for name in parameter["schema"]().fields})
+    for media, item in view.openapi.get("requestBody", {}).get("content", {}).items():
+        out.update({name: ("body", media) for name in item["schema"]().fields})
+    return out
+
+
+def _documented(doc: dict, operation: dict) -> dict[str, tuple]:
+    out = {p["name"]: (p["in"],) for p in operation.get("parameters", [])}
+    for media, item in operation.get("requestBody", {}).get("content", {}).items():
+        schema = doc["components"]["schemas"][item["schema"]["$ref"].rsplit("/", 1)[1]]
+        out.update({name: ("body", media) for name in schema["properties"]})
+    return out
+
+
+def test_openapi_lists_exactly_the_fields_each_view_validates(app):
+    doc = app.test_client().get("/openapi.json").get_json()
+    by_id = {op["operationId"]: op for ops in doc["paths"].values() for op in ops.values()}
+    checked = 0
+    for endpoint, view in app.view_functions.items():
+        if hasattr(view, "openapi"):
+            assert _documented(doc, by_id[endpoint]) == _declared(view), endpoint
+            checked += bool(_declared(view))
+    assert checked == 9  # the operations that take parameters or a body
+
+
+def test_a_parameter_added_to_a_schema_is_documented_and_validated():
+    """The mechanism on an app of one route: the field's limits (one from app.config) are in the
+    document, and the same field refuses values outside them."""
+    from flask import Flask, jsonify
+
+    from api import errors
+    from api.openapi import document, operation
+    from api.schemas import Integer, Params
+
+    class Depth(Params):
+        depth = Integer(2, "MAX_DEPTH", 7, metadata={"description": "A new parameter."})
+
+    app = Flask("one-route")
+    app.config["MAX_DEPTH"] = 321
+    errors.register(app)
+
+    @app.get("/deep")
+    @operation(query=Depth(), responses={200: {"description": "The depth"}})
+    def deep(args):
+        return jsonify(args)
+
+    (parameter,) = document(app)["paths"]["/deep"]["get"]["parameters"]
+    assert parameter == {"in": "query", "name": "depth", "description": "A new parameter.", "required": False,
+                         "schema": {"type": "integer", "minimum": 2, "maximum": 321, "default": 7}}
+    client = app.test_client()
+    assert client.get("/deep").get_json() == {"depth": 7} and client.get("/deep?depth=321").get_json() == {"depth": 321}
+    _error(client.get("/deep?depth=322"), 400, "depth must be an integer from 2 to 321; got '322'")
+
+
+def test_the_documented_limits_are_the_enforced_ones(api_index):
+    client = _app(api_index, MAX_K=50, MAX_OFFSET=70, MAX_BATCH=3).test_client()
+    doc = client.get("/openapi.json").get_json()
+    params = {p["name"]: p["schema"] for p in doc["paths"]["/search"]["get"]["parameters"]}
+    assert (params["k"]["minimum"], params["k"]["maximum"], params["k"]["default"]) == (1, 50, 10)
+    assert (params["offset"]["minimum"], params["offset"]["maximum"]) == (0, 70)
+    assert doc["components"]["schemas"]["Batch"]["properties"]["queries"]["maxItems"] == 3
+    assert client.get("/search?image=5&chunks=1&k=50&offset=70").status_code == 200
+    _error(client.get("/search?image=5&chunks=1&k=51"), 400, "k must be an integer from 1 to 50")
+    _error(client.get("/search?image=5&chunks=1&offset=71"), 400, "offset must be an integer from 0 to 70")
+    _error(client.post("/search/batch", json={"queries": [{"image": 5, "chunks": "1"}] * 4}), 400, "1 to 3 queries")
+
+
+def test_responses_are_described(app):
+    doc = app.test_client().get("/openapi.json").get_json()
+    schemas = doc["components"]["schemas"]
+
+    def body(path, method, status):
+        return doc["paths"][path][method]["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+
+    assert body("/search", "get", "200") == body("/search", "post", "200") == "#/components/schemas/SearchResult"
+    assert body("/health", "get", "200") == "#/components/schemas/Health"
+    assert body("/search", "get", "404") == body("/search/batch", "post", "400") == "#/components/schemas/Error"
+    assert schemas["Error"]["required"] == ["error"]
+    assert set(schemas["ErrorDetail"]["required"]) == {"code", "message"}
+    assert set(schemas["SearchResult"]["required"]) == {"query", "chunks", "k", "results", "offset"}
+    assert set(schemas["Health"]["properties"]) == set(app.test_client().get("/health").get_json())
 
 
 def test_docs_list_exactly_the_openapi_paths(app):
@@ -541,20 +629,35 @@ def fuzz_schema(api_index, tmp_path_factory):
     return schemathesis.openapi.from_wsgi("/openapi.json", _app(index))
 
 
-OPERATIONS = [(path, method) for path, ops in json.loads((REPO / "api" / "openapi.json").read_text())["paths"].items()
-              for method in ops]
+def _routes_document() -> dict:
+    """The document the app generates, from its blueprints alone (no index needed at collection)."""
+    from flask import Flask
+
+    from api import BLUEPRINTS, DEFAULTS
+    from api.openapi import document
+
+    bare = Flask("routes")
+    bare.config.from_mapping(DEFAULTS)
+    for module in BLUEPRINTS:
+        bare.register_blueprint(module.bp)
+    return document(bare)
+
+
+OPERATIONS = [(path, method) for path, ops in _routes_document()["paths"].items() for method in ops]
 # operations whose parameters have constraints a request can break (the others take any string)
-BREAKABLE = [("/search", "get"), ("/search", "post"), ("/images", "get"), ("/transfer", "get"),
-             ("/chunks/{i}", "put"), ("/chunks/{i}/strip.png", "get")]
+BREAKABLE = [("/search", "get"), ("/search", "post"), ("/search/batch", "post"), ("/images", "get"),
+             ("/transfer", "get"), ("/chunks/{i}", "put"), ("/chunks/{i}/strip.png", "get")]
 
 
 @pytest.mark.parametrize("path,method,mode", [(*op, "positive") for op in OPERATIONS]
                          + [(*op, "negative") for op in BREAKABLE])
 def test_fuzz_openapi_never_5xx(fuzz_schema, path, method, mode):
-    """schemathesis draws requests from the OpenAPI document (conforming ones, and ones that break
-    it on purpose): every one must get a non-5xx answer, errors as JSON."""
+    """schemathesis draws requests from the OpenAPI document the app serves (conforming ones, and
+    ones that break it on purpose): every one must get a non-5xx answer, errors as JSON, and every
+    answer must have the documented shape."""
     from hypothesis import HealthCheck, given, settings
     from schemathesis.generation import GenerationMode
+    from schemathesis.specs.openapi.checks import response_schema_conformance
 
     operation = fuzz_schema[path][method]
 
@@ -567,6 +670,7 @@ def test_fuzz_openapi_never_5xx(fuzz_schema, path, method, mode):
         assert b"Traceback" not in response.content
         if response.status_code >= 400:
             assert set(response.json()["error"]) == {"code", "message"}
+        case.validate_response(response, checks=[response_schema_conformance])
 
     check()
 
