@@ -21,7 +21,10 @@ def health():
 
 
 @bp.get("/metrics")
+@operation(responses={200: {"description": "The Prometheus text exposition (prometheus_client)",
+                            "content": {"text/plain": {"schema": {"type": "string"}}}}})
 def metrics():
+    """Request counts, latencies, the index's size and the process's own metrics."""
     r = resources()
     return Response(r.metrics.render(len(r.index)), content_type=CONTENT_TYPE_LATEST)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
 from flask import Blueprint, current_app, jsonify, request, url_for
 
 from disentangle.errors import RetrievalError
@@ -120,11 +119,8 @@ def _uploads(r: Resources, queries: list[dict]) -> dict[str, Query]:
             fitted.append(fit_upload(r.index, request.files[field], cfg["MAX_IMAGE_PIXELS"], cfg["MAX_IMAGE_SIDE"]))
         except ApiError as e:
             raise ApiError(e.status, f"queries[{pos}]: {e}", e.code) from None
-    # each image scaled as Index.query_for_pixels scales one, then all through the encoder at once
-    x = torch.cat([torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1 for pixels, _ in fitted])
-    with r.model_lock, torch.no_grad():
-        features = r.index.model.encode(x).numpy()  # (B, 3, size, size) -> (B, chunks, dim)
-    return {field: Query(f, file=name) for field, f, (_, name) in zip(first, features, fitted)}
+    with r.model_lock:  # all through the encoder at once
+        return dict(zip(first, r.index.queries_for_pixels(fitted)))
 
 
 def _answer(r: Resources, queries: list[Query], options: dict) -> list[dict]:

@@ -216,12 +216,17 @@ class Index:
 
     def query_for_pixels(self, pixels: np.ndarray, file: str | None = None) -> Query:
         """Encode fitted (size, size, 3) uint8 pixels with the index's model."""
+        return self.queries_for_pixels([(pixels, file)])[0]
+
+    def queries_for_pixels(self, images: Sequence[tuple[np.ndarray, str | None]]) -> list[Query]:
+        """Encode several fitted images, (pixels, file name) each, in one pass of the encoder.
+        (Batched float32 convolutions may differ from one-at-a-time ones in the last bits.)"""
         import torch
 
-        x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1
+        x = torch.stack([torch.from_numpy(p).permute(2, 0, 1) for p, _ in images]).float() / 127.5 - 1
         with torch.no_grad():
-            f = self.model.encode(x)[0].numpy()
-        return Query(f, file=file)
+            features = self.model.encode(x).numpy()
+        return [Query(f, file=file) for f, (_, file) in zip(features, images)]
 
     # -- chunks ---------------------------------------------------------------------------
     def chunk_names(self) -> dict[int, str | None]:
