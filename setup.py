@@ -30,6 +30,7 @@ setup(
         "apispec>=6.0",              # the OpenAPI document, generated from the request schemas
         "marshmallow>=3.20",         # the request schemas that validate and document the API
         "requests>=2.28",            # retrieval.client, the Python client for notebooks
+        "orjson>=3.9",               # the service's JSON: 10x the standard library's speed
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "schemathesis>=4.0,<5", "selenium>=4.20"],

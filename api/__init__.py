@@ -16,6 +16,7 @@ from retrieval.index import Index
 
 from . import chunks, errors, images, openapi, ops, search, web
 from .hosts import check_host, host_names
+from .jsonfast import OrjsonProvider
 from .metrics import Metrics
 from .pixels import ImageSource
 from .state import Resources
@@ -52,7 +53,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     if test_config is not None:
         app.config.from_mapping(test_config)
     app.config["ALLOWED_HOSTS"] = host_names(app.config["ALLOWED_HOSTS"])
-    app.json.sort_keys = False  # keep the search result's field order
+    app.json = OrjsonProvider(app)  # keeps the search result's field order
     if not app.config["INDEX"]:
         raise RetrievalError("no index to serve: run `retrieval serve INDEX` or set RETRIEVAL_INDEX")
     index = Index(app.config["INDEX"], device=app.config["DEVICE"])

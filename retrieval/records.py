@@ -15,6 +15,7 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 
+import orjson
 from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Engine
 
@@ -72,7 +73,7 @@ class RecordLookup:
         if self.prepared:
             found = self._connection().execute(_RECORDS_SQL, (json.dumps(ids),)).fetchall()
             # SQLAlchemy's JSON column stores json.dumps text; NULL reads as no attributes
-            rows = {r[0]: (r[1], r[2], r[3], json.loads(r[4]) if r[4] is not None else None) for r in found}
+            rows = {r[0]: (r[1], r[2], r[3], orjson.loads(r[4]) if r[4] is not None else None) for r in found}
         else:
             with self.engine.connect() as conn:
                 rows = {r[0]: r[1:] for r in conn.execute(_RECORDS, {"ids": ids})}
