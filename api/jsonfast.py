@@ -7,8 +7,9 @@ from typing import Any
 import orjson
 from flask.json.provider import JSONProvider
 
-# numpy values and non-string keys ({chunk: name}) encode as the standard provider would
-_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+# numpy values and non-string keys ({chunk: name}) encode as the standard provider would, and
+# dates go to its `default` (HTTP dates, as Flask writes them) rather than orjson's ISO form
+_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
 
 
 class OrjsonProvider(JSONProvider):
