@@ -14,6 +14,7 @@ set. Traffic goes to 127.0.0.1 only; every loop is bounded in time and count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -142,13 +143,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_and_load(index_dir: Path, args) -> dict[int, dict]:
-    """Start `retrieval serve`, drive it from a client process per chunk set, stop it with SIGTERM."""
+@contextlib.contextmanager
+def serving(index_dir: Path, threads: int):
+    """`retrieval serve INDEX --threads N` in a subprocess on a free loopback port, until the
+    block ends (then SIGTERM); yields its base URL."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(index_dir / "serve.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "retrieval", "serve", str(index_dir), "--port", str(port),
-                               "--threads", str(args.threads)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                               "--threads", str(threads)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         deadline = time.monotonic() + 120
@@ -160,14 +163,7 @@ def serve_and_load(index_dir: Path, args) -> dict[int, dict]:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"the server did not start; see {index_dir / 'serve.log'}")
                 time.sleep(0.5)
-        out = {}
-        for n_chunks, chunks in CHUNK_SETS.items():
-            client = subprocess.run(
-                [sys.executable, __file__, "--drive", base, "--n", str(args.n), "--chunks", chunks,
-                 "--clients", str(args.clients), "--seconds", str(args.seconds)],
-                capture_output=True, text=True, timeout=args.seconds + 120, check=True)
-            out[n_chunks] = json.loads(client.stdout)
-        return out
+        yield base
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -175,6 +171,19 @@ def serve_and_load(index_dir: Path, args) -> dict[int, dict]:
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def serve_and_load(index_dir: Path, args) -> dict[int, dict]:
+    """Start `retrieval serve`, drive it from a client process per chunk set, stop it."""
+    out = {}
+    with serving(index_dir, args.threads) as base:
+        for n_chunks, chunks in CHUNK_SETS.items():
+            client = subprocess.run(
+                [sys.executable, __file__, "--drive", base, "--n", str(args.n), "--chunks", chunks,
+                 "--clients", str(args.clients), "--seconds", str(args.seconds)],
+                capture_output=True, text=True, timeout=args.seconds + 120, check=True)
+            out[n_chunks] = json.loads(client.stdout)
+    return out
 
 
 def main():

@@ -10,7 +10,10 @@ cache flushed before every call (medians over repeats, methods interleaved):
   naive    ((X[S] - q[S]) ** 2).sum() over the full arrays, one query at a time;
   floor    bytes of the chosen chunks / memory bandwidth, the bandwidth measured in the
            same run as the median of the 512 MiB numpy copies that flush the cache before
-           each call of that setting, counted as read + write bytes (2 x 512 MiB).
+           each call of that setting, counted as read + write bytes (2 x 512 MiB);
+  arith    the arithmetic floor: the 2 Q N |S| d flops of the scores at the rate of a large
+           square float32 matmul measured in the same run (numpy's BLAS, its default threads);
+           a batch can beat neither floor, so it is judged against the larger one.
 It also reports the store's resident memory (VmRSS delta around building the features and the
 store) against the raw feature bytes. Prints markdown for docs/benchmarks.md.
 
@@ -54,7 +57,15 @@ def naive(x: np.ndarray, q: np.ndarray, sel: list[int], k: int) -> np.ndarray:
     return np.array(out)
 
 
-def bench(n: int, repeats: int, src: np.ndarray, dst: np.ndarray) -> list[str]:
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """Flops per second of a large square float32 matmul: what this CPU's BLAS reaches."""
+    a = np.random.default_rng(1).standard_normal((size, size), dtype=np.float32)
+    out = np.empty_like(a)
+    np.matmul(a, a, out=out)
+    return 2 * size**3 / np.median([timed(lambda: np.matmul(a, a, out=out)) for _ in range(repeats)])
+
+
+def bench(n: int, repeats: int, src: np.ndarray, dst: np.ndarray, rate: float) -> list[str]:
     rng = np.random.default_rng(0)
     before = rss()
     x = np.empty((N_CHUNKS, n, DIM), np.float32)
@@ -100,10 +111,12 @@ def bench(n: int, repeats: int, src: np.ndarray, dst: np.ndarray) -> list[str]:
             agree = np.mean([set(a) == set(b) for a, b in zip(ours, ref)])
             bandwidth = 2 * src.nbytes / np.median(copies)  # a copy reads src and writes dst
             floor = n * size * DIM * 4 / bandwidth * 1e3  # ms
+            arith = 2 * nq * n * size * DIM / rate * 1e3  # ms
             ms = {m: np.median(t) * 1e3 if t else np.nan for m, t in times.items()}
             cells = [f"{n:,}", size, nq, *(f"{ms[m]:.1f}" for m in list(methods)[:-1]), f"{ms['naive']:.0f}",
                      f"{bandwidth / 1e9:.1f}", f"{floor:.1f}", f"**{ms['ours'] / floor:.2f}**",
-                     *(f"{ms[m] / floor:.2f}" for m in list(methods)[1:-1]), f"{ms['naive'] / floor:.0f}"]
+                     *(f"{ms[m] / floor:.2f}" for m in list(methods)[1:-1]), f"{ms['naive'] / floor:.0f}",
+                     f"{arith:.1f}", f"**{ms['ours'] / max(floor, arith):.2f}**"]
             rows.append("| " + " | ".join(str(c).replace("nan", "—") for c in cells) + " |")
             print(rows[-1], f"(faiss top-{K} sets agree on {agree:.0%} of queries)", flush=True)
         del xb
@@ -123,13 +136,15 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
           f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), load {os.getloadavg()[0]:.1f}")
     print(f"bandwidth at the start: {bandwidth / 1e9:.1f} GB/s (median copy of {BUFFER >> 20} MiB in "
-          f"{copy * 1e3:.1f} ms, counting read + write bytes)\n", flush=True)
+          f"{copy * 1e3:.1f} ms, counting read + write bytes)", flush=True)
+    rate = matmul_rate()
+    print(f"float32 matmul rate: {rate / 1e9:.1f} GFLOP/s (median of 5 square 2048 matmuls)\n", flush=True)
     rows = ["| N | \\|S\\| | queries | ours ms | ours, code warm ms | matmul ms | faiss.knn ms | naive ms | "
             "GB/s | floor ms | **ours / floor** | code warm / floor | matmul / floor | faiss / floor | "
-            "naive / floor |",
-            "|" + "---|" * 15]
+            "naive / floor | arith floor ms | **ours / max(floor, arith)** |",
+            "|" + "---|" * 17]
     for n in args.n:
-        rows += bench(n, args.repeats, src, dst)
+        rows += bench(n, args.repeats, src, dst, rate)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}\n")
     print("\n".join(rows))
 
