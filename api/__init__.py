@@ -56,7 +56,14 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.json = OrjsonProvider(app)  # keeps the search result's field order
     if not app.config["INDEX"]:
         raise RetrievalError("no index to serve: run `retrieval serve INDEX` or set RETRIEVAL_INDEX")
-    index = Index(app.config["INDEX"], device=app.config["DEVICE"])
+    if app.config.get("RAY"):  # RETRIEVAL_RAY: a sharded index, one Ray actor per shard (docs/scale.md)
+        from retrieval.shards import ShardedIndex, ShardUnavailable
+
+        index = ShardedIndex(app.config["INDEX"], app.config["RAY"])
+        app.register_error_handler(ShardUnavailable,
+                                   lambda e: errors.error_response(503, str(e), "shard_unavailable"))
+    else:
+        index = Index(app.config["INDEX"], device=app.config["DEVICE"])
     index.model  # load the encoder/decoder now, not in the first request
     app.extensions["retrieval"] = Resources(index, ImageSource(index.manifest), Metrics())
 

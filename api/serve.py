@@ -16,17 +16,20 @@ log = logging.getLogger(__name__)
 
 
 def serve(index: str | Path, host: str = "127.0.0.1", port: int = 5000, threads: int = 4, *,
-          connection_limit: int = 100, channel_timeout: int = 30, allowed_hosts: Sequence[str] = ()) -> None:
+          connection_limit: int = 100, channel_timeout: int = 30, allowed_hosts: Sequence[str] = (),
+          ray: str | None = None) -> None:
     """Open INDEX once and answer requests until SIGINT or SIGTERM; in-flight requests finish.
 
     connection_limit bounds open connections (idle ones make room for new ones, api/server.py),
-    channel_timeout closes a connection silent for that many seconds, and allowed_hosts are the
-    Host names answered besides the loopback ones and a specific listening address."""
+    channel_timeout closes a connection silent for that many seconds, allowed_hosts are the
+    Host names answered besides the loopback ones and a specific listening address, and ray the
+    address of the Ray cluster whose actors search the index's shards (retrieval/shards.py)."""
     # one BLAS thread per request: concurrency comes from the worker threads, and OpenBLAS's own
     # pool fighting over the same cores from several threads at once is slower than either alone
     threadpool_limits(1, user_api="blas")
     names = [*allowed_hosts] + ([] if _wildcard(host) else [host])
-    app = create_app({"INDEX": str(index), "ALLOWED_HOSTS": names} if names else {"INDEX": str(index)})
+    config = {"INDEX": str(index), **({"ALLOWED_HOSTS": names} if names else {}), **({"RAY": ray} if ray else {})}
+    app = create_app(config)
     server = make_server(app, host, port, threads=threads, connection_limit=connection_limit,
                          channel_timeout=channel_timeout, max_body=app.config["MAX_CONTENT_LENGTH"])
 

@@ -151,13 +151,29 @@ def open_chunk_files(out: Path, engine, n_chunks: int, dim: int) -> list:
     return indexes
 
 
+class _Rows:
+    """Feature batches of one encoding stream, taken n rows at a time (a batch may straddle commits)."""
+
+    def __init__(self, batches):
+        self.batches, self.rest = iter(batches), None
+
+    def take(self, n: int):
+        """Arrays of n rows in all, in stream order."""
+        while n > 0:
+            f = self.rest if self.rest is not None else next(self.batches)
+            self.rest = f[n:] if len(f) > n else None
+            yield f[:n]
+            n -= len(f[:n])
+
+
 def build_index(data: str, model_path: str | Path, out: str | Path, *, fmt: str | None = None,
                 split: str | None = None, rebuild: bool = False, batch_size: int = 256,
                 device: str = "auto", bf16: bool = False, workers: int | None = None,
                 skip_bad: bool = False, progress: bool = False, commit_every: int = 4096,
-                db: str | None = None) -> BuildReport:
+                db: str | None = None, ray: str | None = None) -> BuildReport:
     """Add every image of `data` whose key is new to the index in `out` (created if needed);
-    db, a postgresql:// URL, keeps a new index's metadata in that database instead of SQLite."""
+    db, a postgresql:// URL, keeps a new index's metadata in that database instead of SQLite;
+    ray, a Ray cluster's address, encodes there with Ray Data (indexer/ray_encode.py)."""
     t0 = time.perf_counter()
     out, model_path = Path(out), Path(model_path)
     ckpt = checkpoint.load(model_path)
@@ -199,14 +215,21 @@ def build_index(data: str, model_path: str | Path, out: str | Path, *, fmt: str 
     if workers is None:
         workers = 2 if ds.format in ("celeba", "folder") else 0
     bar = tqdm(total=len(todo), disable=not progress, unit="img", desc="encoding", dynamic_ncols=True)
+    if ray is None:
+        batches = encode_batches(model, ds, todo, batch_size=batch_size, device=dev, bf16=bf16, workers=workers)
+    else:
+        from .ray_encode import encode_on_ray
+
+        batches = encode_on_ray(ray, model_path, data, todo, fmt=ds.format, split=split, skip_bad=skip_bad,
+                                batch_size=batch_size, bf16=bf16)
+    rows = _Rows(batches)
     added = 0
     try:
         for start in range(0, len(todo), commit_every):
             part = todo[start:start + commit_every]
             feats = np.empty((len(part), cfg.n_chunks, cfg.chunk_dim), np.float32)
             pos = 0
-            for f in encode_batches(model, ds, part, batch_size=batch_size, device=dev, bf16=bf16,
-                                    workers=workers):
+            for f in rows.take(len(part)):
                 feats[pos:pos + len(f)] = f
                 pos += len(f)
                 bar.update(len(f))

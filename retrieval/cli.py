@@ -268,16 +268,24 @@ def demo(out, images, steps, fresh, no_serve, host, port):
 @click.option("--db", envvar="RETRIEVAL_DB", metavar="URL",
               help="Keep the metadata in this PostgreSQL database (postgresql://USER@HOST:PORT/NAME; "
                    "password from PGPASSWORD) instead of INDEX/meta.sqlite.  [env: RETRIEVAL_DB]")
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Encode on this Ray cluster with Ray Data (auto: the one running here, else a local one).")
+@click.option("--shards", type=click.IntRange(1), help="Then split the index into N shards for `serve --ray`.")
 def index(data, model_path, out, split, fmt, rebuild, batch_size, device, bf16, workers, skip_bad,
-          commit_every, db):
+          commit_every, db, ray_address, shards):
     """Encode DATA into per-chunk FAISS indexes with metadata in SQLite or PostgreSQL (adds only new images)."""
     from indexer.build import build_index
 
     report = build_index(data, model_path, out, fmt=fmt, split=split, rebuild=rebuild,
                          batch_size=batch_size, device=device, bf16=bf16, workers=workers,
-                         skip_bad=skip_bad, progress=True, commit_every=commit_every, db=db)
+                         skip_bad=skip_bad, progress=True, commit_every=commit_every, db=db, ray=ray_address)
     click.echo(f"{out}: {report.added} images added, {report.already_indexed} already indexed, "
                f"{report.total} in all ({report.seconds:.1f} s)")
+    if shards:
+        from indexer.shards import write_shards
+
+        layout = write_shards(out, shards)
+        click.echo(f"{out}: split into {shards} shards of {', '.join(map(str, layout['counts']))} images")
 
 
 @main.command()
@@ -432,12 +440,15 @@ def ablate(data, preset, variants, steps, minutes, out, batch_size, seed, eval_s
               help="Seconds a connection may stay silent before it is closed.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="A Host name to answer besides localhost, 127.0.0.1 and ::1 (repeatable).")
-def serve(index_path, host, port, threads, connection_limit, channel_timeout, allowed_hosts):
+@click.option("--ray", "ray_address", metavar="ADDRESS",
+              help="Search the index's shards with one Ray actor each (auto: the cluster running here, "
+                   "else a local one); split it first with `retrieval index ... --shards N`.")
+def serve(index_path, host, port, threads, connection_limit, channel_timeout, allowed_hosts, ray_address):
     """Serve the API and web page for INDEX (waitress; Ctrl-C or SIGTERM stops it)."""
     from api.serve import serve as run_server
 
     run_server(index_path, host=host, port=port, threads=threads, connection_limit=connection_limit,
-               channel_timeout=channel_timeout, allowed_hosts=allowed_hosts)
+               channel_timeout=channel_timeout, allowed_hosts=allowed_hosts, ray=ray_address)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from disentangle.errors import RetrievalError
 from indexer import faiss_files
 from indexer.build import DATABASE, MODEL, read_manifest
 from indexer.schema import Chunk, Image, connect
+from indexer.shards import read_layout, shard_dir
 
 from .records import RecordLookup
 from .search import ChunkStore, search
@@ -111,8 +112,13 @@ class Index:
     so a 200K-image index opens in about a second and holds little beyond its vectors.
     """
 
-    def __init__(self, path: str | Path, device: str = "cpu"):
-        """Open INDEX; device 'cuda' (or 'auto' with a GPU present) searches with torch on the GPU."""
+    def __init__(self, path: str | Path, device: str = "cpu", *, shard: int | None = None,
+                 vectors: bool = True):
+        """Open INDEX; device 'cuda' (or 'auto' with a GPU present) searches with torch on the GPU.
+
+        shard k opens only shard k's folder and ids (indexer/shards.py: the images with
+        id % N == k), as a shard's Ray actor does; vectors=False opens the metadata alone, as the
+        service in front of the shards does (retrieval/shards.py): then there is no store."""
         self.path = Path(path)
         manifest = read_manifest(self.path)
         if manifest is None:
@@ -120,12 +126,21 @@ class Index:
                                  "`retrieval index DATA --model CKPT --out INDEX`")
         self.manifest = manifest
         self.n_chunks, self.chunk_dim = manifest["n_chunks"], manifest["chunk_dim"]
+        folder, self._shard = self.path, None
+        if shard is not None:
+            layout = read_layout(self.path)
+            if layout is None or not 0 <= shard < layout["shards"]:
+                raise RetrievalError(f"{self.path} has no shard {shard}; split it with "
+                                     "`retrieval index DATA --model CKPT --out INDEX --shards N`")
+            folder, self._shard = shard_dir(self.path, shard), (Image.id % layout["shards"]) == shard
         database = manifest.get("database")  # a server database's URL; else the index's SQLite file
         self.engine = connect(database or self.path / DATABASE)
         self._lookup = RecordLookup(self.engine)  # the per-request lookups, without the ORM
         try:
             with Session(self.engine) as s:
-                self.ids = np.array(s.scalars(select(Image.id).order_by(Image.id)).all(), dtype=np.int64)
+                query = select(Image.id).order_by(Image.id)
+                query = query if self._shard is None else query.where(self._shard)
+                self.ids = np.array(s.scalars(query).all(), dtype=np.int64)
                 self._names = {c.index: c.name for c in s.scalars(select(Chunk))}
         except DatabaseError as e:
             if database:  # unreachable, refused, or without the tables: the driver's first line says which
@@ -133,12 +148,14 @@ class Index:
                                      f"{str(e.orig).strip().splitlines()[0]}") from None
             raise RetrievalError(f"{self.path / DATABASE} is not a readable database (corrupted?); "
                                  "rebuild the index with --rebuild") from None
-        self._faiss = [faiss_files.read(faiss_files.chunk_path(self.path, c)) for c in range(self.n_chunks)]
+        chunks = range(self.n_chunks) if vectors else []
+        self._faiss = [faiss_files.read(faiss_files.chunk_path(folder, c)) for c in chunks]
         for c, index in enumerate(self._faiss):
             if not np.array_equal(faiss_files.ids_of(index), self.ids):
-                raise RetrievalError(f"{faiss_files.chunk_path(self.path, c)} disagrees with the "
-                                     "metadata; finish the build by running `retrieval index` again, "
-                                     "or rebuild with --rebuild")
+                redo = ("split it again with `retrieval index ... --shards N`: the index changed since"
+                        if shard is not None else "finish the build by running `retrieval index` again, "
+                        "or rebuild with --rebuild")
+                raise RetrievalError(f"{faiss_files.chunk_path(folder, c)} disagrees with the metadata; {redo}")
         if len(self.ids) == 0:
             raise RetrievalError(f"{self.path} holds no images yet; run `retrieval index` to add some")
         if device == "auto":
@@ -147,8 +164,8 @@ class Index:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         # views into the FAISS indexes' memory: self._faiss keeps them alive
         self._vectors = [faiss_files.vectors_of(ix) for ix in self._faiss]
-        self.store = ChunkStore(self._vectors, self.ids,
-                                backend="numpy" if device == "cpu" else "torch", device=device)
+        self.store = ChunkStore(self._vectors, self.ids, backend="numpy" if device == "cpu" else "torch",
+                                device=device) if vectors else None
         self._model = None
         self._masks: dict[tuple, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -276,7 +293,7 @@ class Index:
         with self._lock:
             mask = self._masks.get(cache_key)
         if mask is None:
-            query = select(Image.id)
+            query = select(Image.id) if self._shard is None else select(Image.id).where(self._shard)
             for name, values in where.items():
                 for value in values if isinstance(values, tuple) else (values,):  # all must hold
                     query = query.where(Image.split == str(value) if name == "split"

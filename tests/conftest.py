@@ -54,3 +54,13 @@ def postgres():
     server = Server().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A two-node Ray cluster on loopback for the whole session (tests/ray_cluster.py)."""
+    from tests.ray_cluster import TwoNodes
+
+    cluster = TwoNodes().start()
+    yield cluster
+    cluster.stop()
