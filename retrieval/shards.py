@@ -81,6 +81,14 @@ def merge(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int, offset: int) -
     return out
 
 
+def _reason(error: Exception) -> str:
+    """What a dead actor's error says in one line: the project's own message when its __init__
+    raised one (e.g. a missing shard file), else Ray's first line."""
+    lines = str(error).strip().splitlines()
+    ours = [line.split("RetrievalError: ", 1)[1] for line in lines if "RetrievalError: " in line]
+    return (ours[-1] if ours else lines[0])[:300]
+
+
 class _Vectors:
     """What Index.query_for reads of a store, from the shard that holds the id."""
 
@@ -115,7 +123,11 @@ class ShardedIndex(Index):
             max_restarts=1, max_task_retries=1, num_cpus=cpus, scheduling_strategy="SPREAD")
         self._actors = [self._start(k) for k in range(self.n_shards)]
         self._actors_lock = threading.Lock()
-        self.shards = [self._ask(k, "describe") for k in range(self.n_shards)]  # waits for every load
+        try:
+            self.shards = self._gather(range(self.n_shards), "describe")  # waits for every load
+        except ShardUnavailable as e:
+            self.close()
+            raise RetrievalError(f"cannot serve {self.path}: {e}") from None
         self.store = _Vectors(self)
         log.info("%d shards on Ray: %s", self.n_shards, ", ".join(f"{s['images']} images" for s in self.shards))
 
@@ -136,19 +148,21 @@ class ShardedIndex(Index):
     def _gather(self, shards: Sequence[int], method: str, *args) -> list:
         """The answers of the given shards to one call, asked in parallel; every answer is read
         (also after one failed) before the first failure is raised."""
-        refs = {k: getattr(self._actors[k], method).remote(*args) for k in shards}
+        actors = {k: self._actors[k] for k in shards}
+        refs = {k: getattr(actors[k], method).remote(*args) for k in shards}
         out, failures = {}, []
         for k in shards:
             try:
-                out[k] = self._get(k, refs[k], method, args)
+                out[k] = self._get(k, actors[k], refs[k], method, args)
             except (RetrievalError, ShardUnavailable) as e:
                 failures.append(e)
         if failures:
             raise failures[0]
         return [out[k] for k in shards]
 
-    def _get(self, k: int, ref, method: str, args: tuple):
-        """One shard's answer; a dead actor is replaced and asked once more."""
+    def _get(self, k: int, actor, ref, method: str, args: tuple):
+        """One shard's answer from `actor`; a dead actor is replaced (once, however many requests
+        found it dead) and asked once more."""
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -162,14 +176,16 @@ class ShardedIndex(Index):
             except GetTimeoutError:
                 raise ShardUnavailable(k, self.n_shards, f"no answer within {self.timeout:g} s") from None
             except RayActorError as e:  # died, and Ray's restarts are spent or failed
-                with self._actors_lock:
-                    self._actors[k] = self._start(k)  # the next request gets a fresh one either way
-                if attempt == 2:
-                    reason = str(e).strip().splitlines()[0][:300]
+                if attempt == 2:  # the next request finds this actor dead and starts another
+                    reason = _reason(e)
                     raise ShardUnavailable(k, self.n_shards, "its actor died and could not be restarted: "
                                                              f"{reason}") from None
                 log.warning("shard %d: actor died (%s); retrying on a new one", k, type(e).__name__)
-                ref = getattr(self._actors[k], method).remote(*args)
+                with self._actors_lock:
+                    if self._actors[k] is actor:
+                        self._actors[k] = self._start(k)
+                    actor = self._actors[k]
+                ref = getattr(actor, method).remote(*args)
 
     def search_many(self, queries: Sequence[Query], chunks: Sequence[int], k: int = 10, *,
                     offset: int = 0, weights: Sequence[float] | None = None,

@@ -145,6 +145,7 @@ def test_shard_that_cannot_come_back_is_a_503_naming_it(ray_cluster, split_index
         os.kill(_pid(sharded, 2), signal.SIGKILL)
         message = _error(client.get(url), 503, "shard 2 of 3 is unavailable")
         assert "no partial answer" in message and "could not be restarted" in message
+        assert "chunk_0.faiss is missing" in message  # why its restart could not load it
     finally:
         moved.rename(shard_dir(split_index, 2))
     assert client.get(url).get_json() == expect  # back: a fresh actor loads the shard
@@ -156,6 +157,12 @@ def test_stale_or_missing_shards_are_refused(ray_cluster, api_index, tmp_path, t
 
     with pytest.raises(RetrievalError, match="not split into shards"):
         ShardedIndex(api_index, ray_cluster.address)
+    broken = tmp_path / "broken"
+    shutil.copytree(api_index, broken)
+    write_shards(broken, 2)
+    (shard_dir(broken, 1) / "chunk_3.faiss").unlink()
+    with pytest.raises(RetrievalError, match="cannot serve .*shard 1 of 2 .*chunk_3.faiss is missing"):
+        ShardedIndex(broken, ray_cluster.address)
     out = tmp_path / "grow"
     build_index("shapes:40", tiny_model, out)
     write_shards(out, 2)
