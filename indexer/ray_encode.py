@@ -8,6 +8,8 @@ paths (a shared filesystem), as it must see the index to serve its shards.
 """
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -16,7 +18,11 @@ from disentangle.errors import RetrievalError
 
 
 def connect(address: str) -> None:
-    """Join the Ray cluster at address ('auto': the one running here, else start one on loopback)."""
+    """Join the Ray cluster at address, or ('auto') start a Ray of this machine alone, on loopback."""
+    if address == "auto" and "ray" not in sys.modules:
+        # read once, when Ray is first imported: without it Ray puts the machine's network address
+        # in place of 127.0.0.1 and listens on every interface
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
@@ -24,7 +30,7 @@ def connect(address: str) -> None:
     if ray.is_initialized():
         return
     if address == "auto":
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, logging_level="WARNING")
     else:
         ray.init(address=address, logging_level="WARNING")
 

@@ -269,7 +269,7 @@ def demo(out, images, steps, fresh, no_serve, host, port):
               help="Keep the metadata in this PostgreSQL database (postgresql://USER@HOST:PORT/NAME; "
                    "password from PGPASSWORD) instead of INDEX/meta.sqlite.  [env: RETRIEVAL_DB]")
 @click.option("--ray", "ray_address", metavar="ADDRESS",
-              help="Encode on this Ray cluster with Ray Data (auto: the one running here, else a local one).")
+              help="Encode on this Ray cluster with Ray Data (auto: a Ray of this machine alone, on loopback).")
 @click.option("--shards", type=click.IntRange(1), help="Then split the index into N shards for `serve --ray`.")
 def index(data, model_path, out, split, fmt, rebuild, batch_size, device, bf16, workers, skip_bad,
           commit_every, db, ray_address, shards):
@@ -441,8 +441,8 @@ def ablate(data, preset, variants, steps, minutes, out, batch_size, seed, eval_s
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="A Host name to answer besides localhost, 127.0.0.1 and ::1 (repeatable).")
 @click.option("--ray", "ray_address", metavar="ADDRESS",
-              help="Search the index's shards with one Ray actor each (auto: the cluster running here, "
-                   "else a local one); split it first with `retrieval index ... --shards N`.")
+              help="Search the index's shards with one Ray actor each on this Ray cluster (auto: a Ray of "
+                   "this machine alone, on loopback); split it first with `retrieval index ... --shards N`.")
 def serve(index_path, host, port, threads, connection_limit, channel_timeout, allowed_hosts, ray_address):
     """Serve the API and web page for INDEX (waitress; Ctrl-C or SIGTERM stops it)."""
     from api.serve import serve as run_server
