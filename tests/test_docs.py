@@ -240,6 +240,9 @@ RULES = [
          "reads the pending Sprites GPU ablation: its inputs are checked on the shapes ablation's "
          "output, which has the same layout (STAND_INS)"),
     Rule(_text(r"^curl "), True, "against `retrieval serve` (on a free port) over an index of shapes"),
+    Rule(_text(r"bench/ablation_seeds\.py runs/abl20"), False,
+         "tabulates the nine 20-minute Sprites ablation runs documented before it, which the sandbox "
+         "does not make"),
     Rule(_text(r"^(\S+=\S+ )*(\.venv/bin/)?python bench/"), True, "the bench script at a tiny size (BUDGET)"),
     Rule(_text(r"^(\S+=\S+ )*retrieval "), True,
          "for real in the sandbox, in documented order: later lines read what earlier ones wrote"),
@@ -260,6 +263,9 @@ BUDGET = {
     "OMP_NUM_THREADS=1 retrieval ablate shapes:20000 --preset shapes --steps 1000 --batch-size 16 --seed 0 "
     "--out runs/ablation-shapes": "--steps 2 --batch-size 4 --variants mix,mix+c+g",
     ".venv/bin/python bench/search_bench.py --n 200000 1000000": "--n 2000 --repeats 1",
+    ".venv/bin/python bench/search_bench.py --n 200000 1000000 --repeats 5": "--n 2000 --repeats 1",
+    ".venv/bin/python bench/request_bench.py": "--n 2000 --queries 3",
+    ".venv/bin/python bench/load_test.py --seconds 8": "--n 2000 --seconds 0.2",
     "python bench/load_test.py": "--n 2000 --seconds 0.2",
     ".venv/bin/python bench/train_throughput.py --repeats 5 --presets tiny,shapes,mnist,sprites,celeba-dcgan":
         "--repeats 1 --presets tiny",
