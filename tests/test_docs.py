@@ -270,6 +270,7 @@ BUDGET = {
     ".venv/bin/python bench/train_throughput.py --repeats 5 --presets tiny,shapes,mnist,sprites,celeba-dcgan":
         "--repeats 1 --presets tiny",
     ".venv/bin/python bench/index_load.py --n 200000 --repeats 3": "--n 2000 --repeats 1",
+    ".venv/bin/python bench/shard_bench.py --n 1000000 --shards 2 --queries 30": "--n 3000 --queries 2",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name recipe-seed1 --tc '{\"seed\": 1}' --minutes 20 "
     "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name e2 --preset shapes --cfg "
