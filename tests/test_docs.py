@@ -240,9 +240,6 @@ RULES = [
          "reads the pending Sprites GPU ablation: its inputs are checked on the shapes ablation's "
          "output, which has the same layout (STAND_INS)"),
     Rule(_text(r"^curl "), True, "against `retrieval serve` (on a free port) over an index of shapes"),
-    Rule(_text(r"bench/ablation_seeds\.py runs/abl20"), False,
-         "tabulates the nine 20-minute Sprites ablation runs documented before it, which the sandbox "
-         "does not make"),
     Rule(_text(r"^(\S+=\S+ )*(\.venv/bin/)?python bench/"), True, "the bench script at a tiny size (BUDGET)"),
     Rule(_text(r"^(\S+=\S+ )*retrieval "), True,
          "for real in the sandbox, in documented order: later lines read what earlier ones wrote"),
