@@ -349,14 +349,23 @@ class Index:
         search() gives. A query by an indexed image never finds that image itself."""
         if not queries:
             return []
-        # one exclusion per query; -1 (an uploaded image) is an id no store holds, so excludes nothing
-        exclude = np.array([[-1 if q.id is None else q.id] for q in queries], dtype=np.int64)
-        result = search(self.store, np.stack([q.vector for q in queries]), list(chunks), k,
-                        weights=weights, offset=offset, exclude_ids=exclude, allowed=self.allowed(where))
+        result = search(self.store, np.stack([q.vector for q in queries]), list(chunks), k, weights=weights,
+                        offset=offset, exclude_ids=self_exclusions(queries), allowed=self.allowed(where))
         found = [[(int(i), float(d)) for i, d in zip(ids, dists) if i >= 0]
                  for ids, dists in zip(result.ids, result.distances)]
-        records = iter(self.records([i for row in found for i, _ in row]))
-        return [{"query": q.describe(), "chunks": list(chunks), "k": k,
-                 "results": [{"id": i, "key": r["key"], "distance": d, "attributes": r["attributes"]}
-                             for (i, d), r in zip(row, records)]}
-                for q, row in zip(queries, found)]
+        return answers(self, queries, chunks, k, found)
+
+
+def self_exclusions(queries: Sequence[Query]) -> np.ndarray:
+    """(Q, 1) ids each query must not find: itself; -1 (an uploaded image) is an id no store holds."""
+    return np.array([[-1 if q.id is None else q.id] for q in queries], dtype=np.int64)
+
+
+def answers(index: Index, queries: Sequence[Query], chunks: Sequence[int], k: int,
+            found: list[list[tuple[int, float]]]) -> list[dict]:
+    """The JSON-ready result of each query from its (id, distance) hits, records read at once."""
+    records = iter(index.records([i for row in found for i, _ in row]))
+    return [{"query": q.describe(), "chunks": list(chunks), "k": k,
+             "results": [{"id": i, "key": r["key"], "distance": d, "attributes": r["attributes"]}
+                         for (i, d), r in zip(row, records)]}
+            for q, row in zip(queries, found)]

@@ -25,7 +25,7 @@ from disentangle.errors import RetrievalError
 from indexer.ray_encode import connect
 from indexer.shards import read_layout
 
-from .index import Index, Query
+from .index import Index, Query, answers, self_exclusions
 from .search import _integer, search
 
 log = logging.getLogger(__name__)
@@ -194,13 +194,7 @@ class ShardedIndex(Index):
         if not queries:
             return []
         k, offset = _integer("k", k, 1), _integer("offset", offset, 0)
-        exclude = np.array([[-1 if q.id is None else q.id] for q in queries], dtype=np.int64)
         vectors = np.stack([q.vector for q in queries])
         parts = self._gather(range(self.n_shards), "search", vectors, list(chunks), k + offset,
-                             weights, exclude, where)
-        found = merge(parts, k, offset)
-        records = iter(self.records([i for row in found for i, _ in row]))
-        return [{"query": q.describe(), "chunks": list(chunks), "k": k,
-                 "results": [{"id": i, "key": r["key"], "distance": d, "attributes": r["attributes"]}
-                             for (i, d), r in zip(row, records)]}
-                for q, row in zip(queries, found)]
+                             weights, self_exclusions(queries), where)
+        return answers(self, queries, chunks, k, merge(parts, k, offset))
