@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,9 +39,11 @@ def load(root: str, split: str, size: int, cache: Path) -> tuple[np.ndarray, dic
     labels = {a: encode([r.attributes[a] for r in ds.records])
               for a in ds.attribute_names if a not in EXCLUDED["sprites"]}
     cache.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".tmp"), "wb") as f:  # renamed once whole: a killed run leaves no torn cache
+    # renamed once whole: a killed run leaves no torn cache; the pid keeps two runs' writes apart
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
         np.savez(f, pixels=ds.pixels, labels=np.array(labels, dtype=object))
-    path.with_suffix(".tmp").replace(path)
+    tmp.replace(path)
     return ds.pixels, labels
 
 

@@ -39,12 +39,12 @@ def training_config(preset_name: str, variant: str, steps: int | None, minutes: 
                     batch_size: int | None, seed: int) -> TrainConfig:
     """One variant's options: the preset's recipe, with the ablation's budget, batch and seed."""
     recipe = {**RECIPES.get(preset_name, {}), **({"batch_size": batch_size} if batch_size else {})}
-    if steps is not None:
-        recipe["steps"] = steps
+    if steps is not None:  # a budget given replaces the recipe's (its steps and its minutes)
+        recipe.update(steps=steps, minutes=minutes)
     elif minutes:  # the time budget alone decides where each variant stops
-        recipe["steps"] = 1 << 40
-    every = max(recipe.get("steps", TrainConfig.steps) // 4, 1) if not minutes else 1000
-    return TrainConfig(**recipe, variant=variant, seed=seed, minutes=minutes,
+        recipe.update(steps=1 << 40, minutes=minutes)
+    every = max(recipe.get("steps", TrainConfig.steps) // 4, 1) if not recipe.get("minutes") else 1000
+    return TrainConfig(**recipe, variant=variant, seed=seed,
                        checkpoint_every=every, figure_every=every)
 
 

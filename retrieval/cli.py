@@ -69,8 +69,10 @@ def _default_preset(fmt: str, on_gpu: bool) -> str:
     if on_gpu or name not in CPU_STAND_IN:
         return name
     cpu = CPU_STAND_IN[name]
-    click.echo(f"no GPU: training the CPU recipe --preset {cpu} ({RECIPES[cpu]['steps']:,} steps, "
-               f"under an hour on 2 cores); --preset {name} trains the paper's networks on a GPU", err=True)
+    recipe = RECIPES[cpu]
+    click.echo(f"no GPU: training the CPU recipe --preset {cpu} ({recipe['minutes']:g} minutes of training or "
+               f"{recipe['steps']:,} steps, whichever comes first); --preset {name} trains the paper's "
+               "networks on a GPU", err=True)
     return cpu
 
 
@@ -107,7 +109,8 @@ def _open_data(data: str, size: int, fmt: str | None, skip_bad: bool, split: str
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images instead of stopping.")
 @click.option("--bf16", is_flag=True, help="bf16 autocast (CUDA only).")
 @click.option("--channels-last", is_flag=True, help="NHWC activations (faster convolutions on GPUs).")
-@click.option("--minutes", type=float, default=0, help="Stop after this many minutes of training (default: no limit).")
+@click.option("--minutes", type=float, help="Stop after this many minutes of training (default: the preset's "
+                                           "recipe, else no limit).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--lr", type=float, help="Adam's learning rate (default: the preset's recipe, else 2e-4).")
 @click.option("--critic-lr-scale", type=float, default=1.0, show_default=True,
@@ -129,20 +132,23 @@ def train(data, preset, out, steps, batch_size, device, variant, mask, resume, f
         fmt = "shapes" if data.split(":")[0] == "shapes" else detect_format(data)
     on_gpu = _on_gpu(device)
     cfg = get_preset(preset or _default_preset(fmt, on_gpu))
-    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "mask": mask}
+    # the recipe's time budget stands in for a step count: explicit --steps alone drops it
+    given = {"steps": steps, "batch_size": batch_size, "lr": lr, "mask": mask,
+             "minutes": 0.0 if steps is not None and minutes is None else minutes}
     if not on_gpu and cfg.name in GPU_PRESETS and steps is None and not minutes:
         raise RetrievalError(f"preset {cfg.name} is the paper's GPU network: its 100,000 steps would take "
                              "weeks on this CPU; train on a GPU, use the CPU recipe "
                              f"({', '.join(f'--preset {c}' for c in CPU_STAND_IN.values())}), "
                              "or pass --steps N or --minutes M to run it here anyway")
     tc = TrainConfig(**{**RECIPES.get(cfg.name, {}), **{k: v for k, v in given.items() if v is not None}},
-                     variant=variant, minutes=minutes, seed=seed, bf16=bf16, channels_last=channels_last,
+                     variant=variant, seed=seed, bf16=bf16, channels_last=channels_last,
                      critic_lr_scale=critic_lr_scale, checkpoint_every=checkpoint_every,
                      figure_every=figure_every)
     ds = _open_data(data, cfg.image_size, fmt, skip_bad)
     if workers is None:
         workers = 2 if fmt in ("celeba", "folder") else 0
-    click.echo(f"training {cfg.name} ({tc.variant}; {tc.steps:,} steps x {tc.batch_size} pairs, lr {tc.lr:g}, "
+    budget = f"{tc.minutes:g} minutes or {tc.steps:,} steps" if tc.minutes else f"{tc.steps:,} steps"
+    click.echo(f"training {cfg.name} ({tc.variant}; {budget} x {tc.batch_size} pairs, lr {tc.lr:g}, "
                f"{tc.mask} masks) on {len(ds)} {fmt} images -> {out}", err=True)
     run_training(ds, cfg, tc, out, device=device, resume=resume, workers=workers, progress=True,
                  data_info={"spec": str(data), "format": fmt, **_rendering(fmt)})
