@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from disentangle import checkpoint
 from disentangle.config import TrainConfig, preset
@@ -25,20 +24,8 @@ from disentangle.data import open_dataset
 from disentangle.train import train
 from indexer.build import build_index
 from retrieval.cli import DEMO_TRAINING, _rendering
-from retrieval.evaluate import default_split, evaluate_index
+from retrieval.evaluate import default_split, evaluate_index, reconstruction_error
 from retrieval.index import Index
-
-
-def val_mse(model, ds) -> float:
-    """Mean squared reconstruction error of the dataset's `val` images, [-1, 1] scale."""
-    val = [i for i, r in enumerate(ds.records) if r.split == "val"]
-    model.eval()
-    with torch.no_grad():
-        total = 0.0
-        for s in range(0, len(val), 500):
-            x = torch.stack([ds[i] for i in val[s:s + 500]])
-            total += float(((model.decode(model.encode(x)) - x) ** 2).sum())
-    return total / (len(val) * ds[0].numel())
 
 
 def one_seed(ds, spec: str, cfg, tc: TrainConfig, out: Path) -> dict:
@@ -54,7 +41,7 @@ def one_seed(ds, spec: str, cfg, tc: TrainConfig, out: Path) -> dict:
     table, apart = report["table2"], report["separated"]
     model = checkpoint.load_model(ckpt)[0]
     row = {"seed": tc.seed, "minutes": round(minutes, 2), "average": report["average"]["best"],
-           "random": report["average"]["random"], "mse": round(val_mse(model, ds), 5),
+           "random": report["average"]["random"], "mse": round(reconstruction_error(model, ds)[0], 5),
            "apart": {a: v["chunk"] for a, v in apart.items()},
            "chunks_apart": len({v["chunk"] for v in apart.values()}),
            "best_next": {a: sorted(r["map"], reverse=True)[:2] for a, r in table.items()}}

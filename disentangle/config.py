@@ -128,7 +128,7 @@ PRESETS["sprites-cpu"] = replace(PRESETS["shapes"], name="sprites-cpu", lambda_m
 RECIPES: dict[str, dict] = {
     # a time budget, so that the run fits in an hour on any 2-core CPU and a faster one trains
     # further (the average was still rising at the last step measured); the step cap is not
-    # reached on this machine (docs/results.md, "How long the recipe takes")
+    # reached on this machine (docs/results.md, "How long the recipe takes, and what it reaches")
     "sprites-cpu": {"minutes": 55.0, "steps": 40_000, "batch_size": 64, "lr": 5e-4, "mask": "per-sample"},
 }
 # The paper's own networks: a GPU job (weeks at the paper's 100,000 steps on a 2-core CPU)

@@ -239,7 +239,11 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
                 if is_main:
                     metrics.write({**row, "step": done, "lr": f"{lr:.3g}", "began_k": f"{trainer.began_k:.4f}",
                                    "pairs_per_s": f"{rate:.1f}", "elapsed_s": f"{now - t0:.1f}"})
-                bar.set_postfix({k.removeprefix("loss_"): v for k, v in row.items()} | {"pairs/s": f"{rate:.0f}"})
+                postfix = {k.removeprefix("loss_"): v for k, v in row.items()} | {"pairs/s": f"{rate:.0f}"}
+                if tc.minutes:  # a time budget has no step total for the bar: say what is left of it
+                    left = max(tc.minutes * 60 - spent - (now - t0), 0)
+                    postfix["left"] = f"{int(left // 60)}:{int(left % 60):02d}"
+                bar.set_postfix(postfix)
             time_up = done % tc.log_every == 0 and _time_up(tc, spent + time.perf_counter() - t0, world, dev)
             last = done == tc.steps or time_up
             if is_main and (done % tc.checkpoint_every == 0 or last):

@@ -203,7 +203,7 @@ def demo(out, images, steps, fresh, no_serve, host, port):
     from disentangle.train import train as run_training
     from indexer.build import build_index, read_manifest, sha256_file
 
-    from .evaluate import default_split, evaluate_index
+    from .evaluate import default_split, evaluate_index, reconstruction_error
     from .index import Index
     from .report import separated_lines, table2_markdown
 
@@ -241,6 +241,9 @@ def demo(out, images, steps, fresh, no_serve, host, port):
     click.echo(table2_markdown(result))
     click.echo(f"average best-chunk mAP {result['average']['best']:.3f} vs random {result['average']['random']:.3f}")
     click.echo("\n".join(separated_lines(result)))
+    mse, n = reconstruction_error(idx.model, ds, default_split(idx))
+    click.echo(f"reconstruction error on the {n} {default_split(idx) or 'indexed'} images: {mse:.4f} "
+               "(mean squared, pixels on the [-1, 1] scale)")
     click.echo("[5/5] naming chunks after the factor each one retrieves best", err=True)
     for c, name in result["suggestions"].items():
         idx.name_chunk(c, name)

@@ -227,6 +227,28 @@ def _labels(idx: Index) -> tuple[np.ndarray, list[str | None], list[dict]]:
             [r[2] or {} for r in rows])
 
 
+def reconstruction_error(model, dataset, split: str | None = "val", batch: int = 500) -> tuple[float, int]:
+    """The mean squared error of Dec(Enc(x)) against x over a split's images (every value, on the
+    decoder's [-1, 1] scale), and how many images that is; split=None takes every image."""
+    import torch
+
+    rows = [i for i, r in enumerate(dataset.records) if split is None or r.split == split]
+    if not rows:
+        raise RetrievalError(f"no {split} images to measure the reconstruction error on")
+    total, values = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(rows), batch):
+                x = torch.stack([dataset[i] for i in rows[s:s + batch]])
+                total += float(((model.decode(model.encode(x)) - x).double() ** 2).sum())
+                values += x.numel()
+    finally:
+        model.train(was_training)
+    return total / values, len(rows)
+
+
 def default_split(idx: Index) -> str | None:
     """'val' when the index holds validation images, else None (every image)."""
     return "val" if idx.allowed({"split": "val"}).any() else None

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from disentangle import checkpoint
+from disentangle.data import open_dataset
 from disentangle.data.shapes import RENDERING
 from retrieval.cli import main
 
@@ -102,6 +103,15 @@ def test_demo_trains_then_reuses(tmp_path):
     assert (out / "run" / "transfer.png").exists() and (out / "index" / "manifest.json").exists()
     assert "average best-chunk mAP" in first.output and "chunk 7:" in first.output
     assert "factors one chunk holds alone" in first.output
+    # the printed reconstruction error, against numpy in float64 over the same val images
+    model, cfg, _ = checkpoint.load_model(out / "run" / "checkpoint.pt")
+    ds = open_dataset("shapes:200", size=cfg.image_size)
+    val = [i for i, r in enumerate(ds.records) if r.split == "val"]
+    x = torch.stack([ds[i] for i in val])
+    with torch.no_grad():
+        y = model.decode(model.encode(x))
+    expected = np.mean((y.numpy().astype(np.float64) - x.numpy().astype(np.float64)) ** 2)
+    assert f"reconstruction error on the {len(val)} val images: {expected:.4f}" in first.output
     second = ok("demo", "--out", out, "--images", 200, "--steps", 2, "--no-serve")
     assert "reusing" in second.output and "reusing" not in first.output
     # a run left by an older demo setting is retrained, not reused under the new name
@@ -181,6 +191,21 @@ def test_sprites_on_a_cpu_trains_the_cpu_recipe(tmp_path, monkeypatch):
     recipe = RECIPES["sprites-cpu"]  # the options not given come from the preset's recipe
     assert (ckpt["train_config"]["lr"], ckpt["train_config"]["mask"]) == (recipe["lr"], recipe["mask"])
     assert (ckpt["train_config"]["steps"], ckpt["train_config"]["batch_size"]) == (1, 4)
+    assert ckpt["train_config"]["minutes"] == 0  # --steps alone replaces the recipe's time budget
+
+
+def test_the_cpu_recipe_stops_at_its_time_budget(tmp_path, monkeypatch):
+    from disentangle.config import RECIPES
+
+    monkeypatch.setattr("retrieval.cli.torch_cuda_available", lambda: False)
+    # the recipe's budget, shrunk to a second, with a step cap far out of reach
+    monkeypatch.setitem(RECIPES, "sprites-cpu", {**RECIPES["sprites-cpu"], "minutes": 1 / 60, "steps": 10**7})
+    data = _small_sprites(tmp_path / "sprites")
+    result = ok("train", data, "--out", tmp_path / "run", "--batch-size", 4)
+    assert "0.0166667 minutes or 10,000,000 steps" in result.output
+    ckpt = checkpoint.load(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["train_config"]["minutes"] == 1 / 60
+    assert 1 <= ckpt["step"] < 10**7 and ckpt["train_seconds"] >= 1.0
 
 
 def test_a_gpu_preset_on_a_cpu_needs_explicit_steps(tmp_path, monkeypatch):

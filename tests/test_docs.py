@@ -270,6 +270,10 @@ BUDGET = {
     ".venv/bin/python bench/shard_bench.py --n 1000000 --shards 2 --queries 30": "--n 3000 --queries 2",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name recipe-seed1 --tc '{\"seed\": 1}' --minutes 20 "
     "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
+    "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name cd64 --cfg '{\"chunk_dim\": 64}' --minutes 20 "
+    "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
+    "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name rec10 --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10}' "
+    "--seeds 0 --steps 4000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name e2 --preset shapes --cfg "
     "'{\"lambda_m\": 10, \"lambda_rec\": 10}' --minutes 12 --eval-every 4": "--minutes 0.02 --eval-every 0.02",
 }

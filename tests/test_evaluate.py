@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from disentangle import checkpoint
+from disentangle.errors import RetrievalError
 from disentangle.config import PRESETS, TrainConfig
 from indexer import faiss_files
 from indexer.build import build_index
@@ -331,6 +333,41 @@ def test_ablate_with_an_equal_time_budget(tmp_path):
     assert _table(ok(*args).stdout) == first                        # reused, not retrained
     fails("ablate", "shapes:300", "--preset", "tiny", "--variants", "ae", "--out", tmp_path / "x",
           match="--minutes")
+
+
+def test_reconstruction_error_against_numpy(tmp_path):
+    from disentangle.data import open_dataset
+    from disentangle.model import MixingAutoencoder
+    from retrieval.evaluate import reconstruction_error
+
+    model = MixingAutoencoder(PRESETS["tiny"]).train()
+    ds = open_dataset("shapes:120", size=PRESETS["tiny"].image_size)
+    for split in ("val", None):
+        rows = [i for i, r in enumerate(ds.records) if split is None or r.split == split]
+        x = np.stack([ds[i].numpy() for i in rows]).astype(np.float64)
+        with torch.no_grad():
+            y = model.eval().decode(model.encode(torch.from_numpy(x).float())).numpy()
+        model.train()
+        mse, n = reconstruction_error(model, ds, split, batch=7)  # several batches, one short
+        assert n == len(rows) and mse == pytest.approx(np.mean((y - x) ** 2), rel=1e-6)
+        assert model.training  # the caller's mode is given back
+    with pytest.raises(RetrievalError, match="no holdout images"):
+        reconstruction_error(model, ds, "holdout")
+
+
+def test_an_ablation_budget_replaces_the_recipes():
+    from disentangle.config import RECIPES
+    from retrieval.ablate import training_config
+
+    recipe = RECIPES["sprites-cpu"]
+    assert recipe["minutes"] > 0  # the recipe's own budget is a time, which an ablation must not inherit
+    by_steps = training_config("sprites-cpu", "mix", 100, 0, batch_size=None, seed=3)
+    assert (by_steps.steps, by_steps.minutes, by_steps.seed) == (100, 0, 3)
+    by_time = training_config("sprites-cpu", "ae", None, 20, batch_size=8, seed=0)
+    assert by_time.minutes == 20 and by_time.steps >= 1 << 40 and by_time.batch_size == 8
+    both = training_config("sprites-cpu", "mix+c+g", 50, 2.5, batch_size=None, seed=0)
+    assert (both.steps, both.minutes) == (50, 2.5)
+    assert (by_steps.lr, by_steps.mask) == (recipe["lr"], recipe["mask"])  # the rest is the recipe's
 
 
 def _table(output: str) -> list[str]:
