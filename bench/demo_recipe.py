@@ -33,15 +33,13 @@ def one_seed(ds, spec: str, cfg, tc: TrainConfig, out: Path) -> dict:
     if not (ckpt.exists() and checkpoint.load(ckpt)["step"] >= tc.steps):  # else evaluate again
         train(ds, cfg, tc, out / "run", device="cpu", resume=ckpt.exists(),
               data_info={"spec": spec, "format": "shapes", **_rendering("shapes")})
-    with (out / "run" / "metrics.csv").open() as f:  # the trainer's own clock, resumes included
-        minutes = float(f.readlines()[-1].split(",")[-1]) / 60
+    minutes = checkpoint.load(ckpt)["train_seconds"] / 60  # the trainer's clock, resumes included
     build_index(spec, ckpt, out / "index")
     idx = Index(out / "index")
     report = evaluate_index(idx, default_split(idx), probe_chunks=False)
     table, apart = report["table2"], report["separated"]
-    model = checkpoint.load_model(ckpt)[0]
     row = {"seed": tc.seed, "minutes": round(minutes, 2), "average": report["average"]["best"],
-           "random": report["average"]["random"], "mse": round(reconstruction_error(model, ds)[0], 5),
+           "random": report["average"]["random"], "mse": round(reconstruction_error(idx.model, ds)[0], 5),
            "apart": {a: v["chunk"] for a, v in apart.items()},
            "chunks_apart": len({v["chunk"] for v in apart.values()}),
            "best_next": {a: sorted(r["map"], reverse=True)[:2] for a, r in table.items()}}

@@ -241,8 +241,8 @@ def demo(out, images, steps, fresh, no_serve, host, port):
     click.echo(table2_markdown(result))
     click.echo(f"average best-chunk mAP {result['average']['best']:.3f} vs random {result['average']['random']:.3f}")
     click.echo("\n".join(separated_lines(result)))
-    mse, n = reconstruction_error(idx.model, ds, default_split(idx))
-    click.echo(f"reconstruction error on the {n} {default_split(idx) or 'indexed'} images: {mse:.4f} "
+    mse, n = reconstruction_error(idx.model, ds, result["split"])
+    click.echo(f"reconstruction error on the {n} {result['split'] or 'indexed'} images: {mse:.4f} "
                "(mean squared, pixels on the [-1, 1] scale)")
     click.echo("[5/5] naming chunks after the factor each one retrieves best", err=True)
     for c, name in result["suggestions"].items():
