@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--tc", default="{}", help="JSON overrides of the training options.")
     ap.add_argument("--minutes", type=float, default=15)
     ap.add_argument("--eval-every", type=float, default=5, help="Minutes between evaluations.")
+    ap.add_argument("--anneal", type=float, default=0.0,
+                    help="Fraction of the budget at its end over which lr falls linearly to 0.")
     ap.add_argument("--out", default="runs/recipe")
     a = ap.parse_args()
     cfg = replace(preset(a.preset), **json.loads(a.cfg))
@@ -102,10 +104,13 @@ def main() -> None:
         while trained < a.minutes * 60:
             t0 = time.perf_counter()
             next_eval = min(trained + a.eval_every * 60, a.minutes * 60)
-            while trained + time.perf_counter() - t0 < next_eval:
+            while (now := trained + time.perf_counter() - t0) < next_eval:
+                if a.anneal:  # linear to 0 over the budget's last fraction
+                    left = (a.minutes * 60 - now) / (a.anneal * a.minutes * 60)
+                    trainer.set_lr(tc.lr * min(1.0, max(left, 0.0)))
                 x1, x2 = as_batch(pixels[torch.randint(len(pixels), (2 * tc.batch_size,), generator=g)]).chunk(2)
                 mask = torch.randint(0, 2, shape, generator=g).bool()
-                values = trainer.step(x1, x2, mask)
+                values = trainer.warmup_step(x1, x2) if step < tc.warmup_steps else trainer.step(x1, x2, mask)
                 step += 1
             trained += time.perf_counter() - t0
             losses = {k: round(float(v), 4) for k, v in values.items()}

@@ -167,6 +167,9 @@ class TrainConfig:
     lr_decay: float = 0.9         # staircase: lr x 0.9 every 20k steps
     lr_decay_every: int = 20_000
     minutes: float = 0.0          # stop once this much training time is spent (0: run to steps)
+    # Not in the paper: plain-autoencoder steps (both inputs reconstructed, no mixing, GAN or
+    # classifier) before the mixing objective starts; they count toward steps and minutes
+    warmup_steps: int = 0
     variant: str = "mix+c+g"
     mask: str = "per-batch"       # the authors' code draws one mask per batch; the paper's text per sample
     seed: int = 0
@@ -186,6 +189,8 @@ class TrainConfig:
             raise RetrievalError(f"--critic-lr-scale must be > 0, got {self.critic_lr_scale}")
         if not self.minutes >= 0:
             raise RetrievalError(f"--minutes must be >= 0, got {self.minutes}")
+        if self.warmup_steps < 0:
+            raise RetrievalError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if self.steps < 0 or self.batch_size < 1:
             raise RetrievalError("--steps must be >= 0 and --batch-size >= 1")
         object.__setattr__(self, "losses", tuple(sorted(VARIANTS[self.variant])))

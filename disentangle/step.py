@@ -109,6 +109,26 @@ class MixingTrainer:
                                 + cfg.lambda_feat * values.get("loss_feat", 0))
         return values, o
 
+    def warmup_step(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One plain-autoencoder step on both inputs (no mixing, GAN or classifier): the encoder
+        and decoder learn to draw before the mixing objective starts (TrainConfig.warmup_steps).
+        Runs outside DDP (the classifier has no gradient here), so gradients are averaged by hand."""
+        x = torch.cat([x1, x2]).contiguous(memory_format=self.memory_format)
+        with self.autocast:
+            rec = losses.mixing_loss(self.ae.decoder(self.ae.encoder(x)).float(), x)
+        if not math.isfinite(rec.item()):
+            raise RetrievalError(f"the loss became {rec.item()}")
+        self.opt_ae.zero_grad(set_to_none=True)
+        rec.backward()
+        if self.ae_step is not self.ae:
+            world = torch.distributed.get_world_size()
+            for p in self.ae.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+        self.opt_ae.step()
+        return {"loss_rec": rec.detach(), "loss_total": rec.detach()}
+
     def step(self, x1: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """One autoencoder step then one discriminator step; returns the losses (detached).
 

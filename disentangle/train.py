@@ -224,7 +224,8 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
             lr = tc.lr * tc.lr_decay ** (step // tc.lr_decay_every)  # staircase decay
             trainer.set_lr(lr)
             try:
-                values = trainer.step(x1, x2, mask)
+                values = (trainer.warmup_step(x1, x2) if step < tc.warmup_steps
+                          else trainer.step(x1, x2, mask))
             except RetrievalError as e:
                 raise RetrievalError(f"{e} at step {step}; training stopped and {ckpt_path} keeps the "
                                      "last good weights (try a lower --lr)") from None

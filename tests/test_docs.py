@@ -272,6 +272,10 @@ BUDGET = {
     "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name cd64 --cfg '{\"chunk_dim\": 64}' --minutes 20 "
     "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
+    "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name cd8 --cfg '{\"chunk_dim\": 8}' --minutes 20 "
+    "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
+    "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name anneal30 --anneal 0.3 --minutes 20 "
+    "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name rec10 --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10}' "
     "--seeds 0 --steps 4000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name e2 --preset shapes --cfg "

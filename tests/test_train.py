@@ -87,6 +87,31 @@ def test_a_time_budget_stops_the_run_and_a_resume_adds_no_step(tmp_path):
     assert checkpoint.load(tmp_path / "checkpoint.pt")["step"] == ckpt["step"]
 
 
+def test_warmup_steps_train_the_autoencoder_alone_then_the_mixing_objective(tmp_path):
+    train(Squares(), TINY, _config(steps=6, warmup_steps=4, variant="mix+c+g"), tmp_path)
+    rows = _rows(tmp_path)
+    assert [bool(r["loss_rec"]) for r in rows[:4]] == [True] * 4  # tiny has no λ_rec after them
+    assert [bool(r["loss_mix"] and r["loss_c"] and r["loss_g"] and r["loss_d"]) for r in rows] == \
+        [False] * 4 + [True] * 2
+
+
+def test_a_warmup_step_is_a_plain_reconstruction_step_of_both_inputs():
+    from disentangle.step import MixingTrainer
+
+    trainer = MixingTrainer(TINY, TrainConfig(batch_size=4, lr=1e-2), torch.device("cpu"))
+    x = Squares(8).x
+    ae, critic = trainer.ae, trainer.critic
+    with torch.no_grad():  # the float64 reference of the loss, from the weights before the step
+        expected = ((ae.decode(ae.encode(x)).double() - x.double()) ** 2).mean()
+    frozen = [p.detach().clone() for p in [*ae.classifier.parameters(), *critic.parameters()]]
+    coder = [p.detach().clone() for p in [*ae.encoder.parameters(), *ae.decoder.parameters()]]
+    values = trainer.warmup_step(x[:4], x[4:])
+    assert set(values) == {"loss_rec", "loss_total"}
+    assert values["loss_rec"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, [*ae.classifier.parameters(), *critic.parameters()]))
+    assert all(not torch.equal(a, b) for a, b in zip(coder, [*ae.encoder.parameters(), *ae.decoder.parameters()]))
+
+
 def test_the_papers_sprites_preset_still_trains():
     from disentangle.step import MixingTrainer
 
@@ -223,7 +248,8 @@ def _ddp_worker(rank: int, port: int, out: str, result: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    model = train(Squares(), TINY, _config(steps=4, variant="mix+c+g"), out, device="cpu")
+    # two warm-up steps (gradients averaged by hand) then two DDP steps of the mixing objective
+    model = train(Squares(), TINY, _config(steps=4, warmup_steps=2, variant="mix+c+g"), out, device="cpu")
     torch.save(dict(model.named_parameters()), f"{result}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
