@@ -190,7 +190,7 @@ class TrainConfig:
         if not self.minutes >= 0:
             raise RetrievalError(f"--minutes must be >= 0, got {self.minutes}")
         if self.warmup_steps < 0:
-            raise RetrievalError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+            raise RetrievalError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.steps < 0 or self.batch_size < 1:
             raise RetrievalError("--steps must be >= 0 and --batch-size >= 1")
         object.__setattr__(self, "losses", tuple(sorted(VARIANTS[self.variant])))

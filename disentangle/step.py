@@ -116,18 +116,23 @@ class MixingTrainer:
         x = torch.cat([x1, x2]).contiguous(memory_format=self.memory_format)
         with self.autocast:
             rec = losses.mixing_loss(self.ae.decoder(self.ae.encoder(x)).float(), x)
-        if not math.isfinite(rec.item()):
-            raise RetrievalError(f"the loss became {rec.item()}")
+        self._descend(rec, average_by_hand=self.ae_step is not self.ae)
+        return {"loss_rec": rec.detach(), "loss_total": rec.detach()}
+
+    def _descend(self, total: torch.Tensor, average_by_hand: bool = False) -> None:
+        """One Adam step of the autoencoder side on `total`; RetrievalError before touching any
+        weight when it is not finite. average_by_hand: all-reduce the gradients outside DDP."""
+        if not math.isfinite(total.item()):
+            raise RetrievalError(f"the loss became {total.item()}")
         self.opt_ae.zero_grad(set_to_none=True)
-        rec.backward()
-        if self.ae_step is not self.ae:
+        total.backward()
+        if average_by_hand:
             world = torch.distributed.get_world_size()
             for p in self.ae.parameters():
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world
         self.opt_ae.step()
-        return {"loss_rec": rec.detach(), "loss_total": rec.detach()}
 
     def step(self, x1: torch.Tensor, x2: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """One autoencoder step then one discriminator step; returns the losses (detached).
@@ -138,12 +143,7 @@ class MixingTrainer:
         x2 = x2.contiguous(memory_format=self.memory_format)
         with self.autocast:
             values, o = self._generator_losses(x1, x2, mask)
-        total = values["loss_total"]
-        if not math.isfinite(total.item()):
-            raise RetrievalError(f"the loss became {total.item()}")
-        self.opt_ae.zero_grad(set_to_none=True)
-        total.backward()
-        self.opt_ae.step()
+        self._descend(values["loss_total"])
 
         if self.critic:  # the discriminator tells real x1 (or its reconstruction) from mixed x3
             fake, real = o["x3"].detach(), o.get("critic_real", x1)

@@ -278,6 +278,8 @@ BUDGET = {
     "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name rec10 --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10}' "
     "--seeds 0 --steps 4000": "--steps 2 --images 200",
+    "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name demo-wu1k --tc '{\"warmup_steps\": 1000}' "
+    "--seeds 0 --steps 5000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name e2 --preset shapes --cfg "
     "'{\"lambda_m\": 10, \"lambda_rec\": 10}' --minutes 12 --eval-every 4": "--minutes 0.02 --eval-every 0.02",
 }
