@@ -85,7 +85,7 @@ def run_variant(data: str, preset_name: str, tc: TrainConfig, out: Path, *, eval
     # a checkpoint that moved on since the index was built invalidates the index
     build_index(data, ckpt_path, index_dir, fmt=fmt, split=eval_split, rebuild=not done,
                 device=device, progress=progress)
-    report = evaluate_index(Index(index_dir), eval_split)
+    report = evaluate_index(Index(index_dir), eval_split, progress=progress)
     report["steps"] = checkpoint.load(ckpt_path)["step"]
     write_report(report, out)
     return report

@@ -237,7 +237,7 @@ def demo(out, images, steps, fresh, no_serve, host, port):
     click.echo(f"      {report.added} added, {report.already_indexed} already there", err=True)
     idx = Index(index_dir)
     click.echo("[4/5] evaluating: mAP of same-attribute retrieval by each chunk (Table 2 protocol)", err=True)
-    result = evaluate_index(idx, default_split(idx), probe_chunks=False)
+    result = evaluate_index(idx, default_split(idx), probe_chunks=False, progress=True)
     click.echo(table2_markdown(result))
     click.echo(f"average best-chunk mAP {result['average']['best']:.3f} vs random {result['average']['random']:.3f}")
     click.echo("\n".join(separated_lines(result)))
@@ -389,7 +389,7 @@ def evaluate(index_path, split, whole, as_json, out):
     from .report import separated_lines, table2_markdown, table3_markdown, write_report
 
     idx = Index(index_path)
-    report = evaluate_index(idx, split or default_split(idx), whole=whole)
+    report = evaluate_index(idx, split or default_split(idx), whole=whole, progress=True)
     if out:
         for path in write_report(report, out):
             click.echo(f"wrote {path}", err=True)

@@ -81,15 +81,17 @@ def test_ap_of_hand_made_rankings():
         assert np.isnan(ap[4, 1])                                  # value 7 appears once
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("integer", [False, True], ids=["float", "ties"])
-def test_vectorised_ap_equals_one_query_at_a_time(seed, integer):
+def test_vectorised_ap_equals_one_query_at_a_time(seed, integer, workers):
     rng = np.random.default_rng(seed)
     n = 157
     x = rng.integers(0, 3, (n, 2)).astype(np.float32) if integer else rng.normal(size=(n, 3))
     labels = np.stack([rng.integers(0, k, n) for k in (2, 5, 40)], axis=1)
     labels[7, 2] = 99  # a value seen once: that query has no AP
-    np.testing.assert_allclose(query_ap(x, labels, block=n * 6), _slow_query_ap(x, labels),
+    # 27 blocks of 6 queries, on one thread or three side by side
+    np.testing.assert_allclose(query_ap(x, labels, block=n * 6, workers=workers), _slow_query_ap(x, labels),
                                rtol=1e-12, atol=0)
 
 
