@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from disentangle.config import TrainConfig, preset
+from disentangle.config import RECIPES, TrainConfig, preset
 from disentangle.data import open_dataset
 from disentangle.step import MixingTrainer
 from retrieval.evaluate import EXCLUDED, encode, map_table
@@ -88,9 +88,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/recipe")
     a = ap.parse_args()
     cfg = replace(preset(a.preset), **json.loads(a.cfg))
-    # per-sample masks, lr 5e-4, no decay inside a budget of minutes (the sprites-cpu recipe)
-    tc = TrainConfig(**{"batch_size": 64, "mask": "per-sample", "lr": 5e-4, "lr_decay_every": 1 << 40,
-                        **json.loads(a.tc)})
+    # the sprites-cpu recipe's batch, lr and masks, no decay inside a budget of minutes
+    recipe = {k: v for k, v in RECIPES["sprites-cpu"].items() if k not in ("minutes", "steps")}
+    tc = TrainConfig(**{**recipe, "lr_decay_every": 1 << 40, **json.loads(a.tc)})
     cache = Path(a.out) / "cache"
     pixels = torch.from_numpy(load(a.data, "train", cfg.image_size, cache)[0])
     val_pixels, val_labels = load(a.data, "val", cfg.image_size, cache)

@@ -276,6 +276,10 @@ BUDGET = {
     "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name nc16-seed1 --cfg '{\"n_chunks\": 16}' --tc "
     "'{\"seed\": 1}' --minutes 20 --eval-every 10": "--minutes 0.02 --eval-every 0.02",
+    "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name nc32d8-perbatch-seed1 --cfg '{\"n_chunks\": 32, "
+    "\"chunk_dim\": 8}' --tc '{\"mask\": \"per-batch\", \"seed\": 1}' --minutes 20 --eval-every 5":
+        "--minutes 0.02 --eval-every 0.02",
+    ".venv/bin/python bench/evaluate_bench.py --chunks 32": "--n 300 --repeats 1",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name anneal30 --anneal 0.3 --minutes 20 "
     "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name rec10 --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10}' "
