@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 TORCH := torch==2.14.1 torchvision==0.29.1
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+# A download that arrives damaged fails pip's hash check (CI saw it once, on pyarrow): try
+# once more without pip's cache before giving up.
+retry = $(1) || { echo "pip failed; retrying once without its cache" >&2; $(1) --no-cache-dir; }
 
 .PHONY: test demo venv cluster clean browser
 
@@ -12,14 +15,16 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(call retry,$(PY) -m pip install -q $(TORCH))
+	$(call retry,$(PY) -m pip install -q -e '.[dev]')
 	touch $@
 
 # the tests also cover the cluster extra (Ray, psycopg: docs/scale.md); `make demo` stays without it
 cluster: $(VENV)/.cluster
+# in a variable because $(call) would split its argument at the comma
+WITH_CLUSTER := .[dev,cluster]
 $(VENV)/.cluster: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[dev,cluster]'
+	$(call retry,$(PY) -m pip install -q -e '$(WITH_CLUSTER)')
 	touch $@
 
 # tests/test_web.py drives headless Chromium; a fresh machine has none (apt-get update only if needed)
