@@ -380,7 +380,10 @@ def chunks(index_path, name, accept_suggestions):
               help="Evaluate the full feature as one chunk (default: only for an `ae` model, as the paper).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--out", type=click.Path(file_okay=False), help="Write report.md, report.json, heatmap.png here.")
-def evaluate(index_path, split, whole, as_json, out):
+@click.option("--queries", type=click.IntRange(min=1),
+              help="Table 2 from N query images drawn at random (seed 0), each ranking every image: "
+                   "N/split-size of the time, for a quick look at a large split (default: every image).")
+def evaluate(index_path, split, whole, as_json, out, queries):
     """The paper's Table 2 (nearest-neighbour mAP per chunk) and Table 3 (linear probe) protocols."""
     import json
 
@@ -389,14 +392,15 @@ def evaluate(index_path, split, whole, as_json, out):
     from .report import separated_lines, table2_markdown, table3_markdown, write_report
 
     idx = Index(index_path)
-    report = evaluate_index(idx, split or default_split(idx), whole=whole, progress=True)
+    report = evaluate_index(idx, split or default_split(idx), whole=whole, progress=True, queries=queries)
     if out:
         for path in write_report(report, out):
             click.echo(f"wrote {path}", err=True)
     if as_json:
         click.echo(json.dumps(report))
         return
-    click.echo(f"{report['images']} images of split {report['split'] or 'all'} ({report['seconds']} s); "
+    sampled = f", {queries} of them drawn as queries" if queries else ""
+    click.echo(f"{report['images']} images of split {report['split'] or 'all'}{sampled} ({report['seconds']} s); "
                "mAP by chunk, * = best per attribute")
     click.echo(table2_markdown(report))
     if not report["whole_feature"]:

@@ -82,8 +82,9 @@ def report_markdown(report: dict) -> str:
              f"{'full feature as one chunk' if report['whole_feature'] else str(report['n_chunks']) + ' chunks'}; "
              f"{report['seconds']} s.", "",
              "## Nearest-neighbour mAP (paper Table 2 protocol)", "",
-             "Each image queries all other images of the split by one chunk (L2); relevant = same "
-             "attribute value. `*` marks the best chunk per attribute; Random is the exact expected "
+             (f"{report['sampled_queries']} images drawn at random each query" if report.get("sampled_queries")
+              else "Each image queries") + " all other images of the split by one chunk (L2); relevant = "
+             "same attribute value. `*` marks the best chunk per attribute; Random is the exact expected "
              "mAP of a random ranking.", "", table2_markdown(report), ""]
     if report["excluded"]:
         lines += [f"Left out: {', '.join(report['excluded'])}.", ""]

@@ -250,6 +250,8 @@ RULES = [
 BUDGET = {
     "retrieval train ../shared/data/mnist --out runs/mnist": "--steps 2 --batch-size 4",
     "retrieval train ../shared/data/sprites --out runs/sprites": "--steps 2 --batch-size 4",
+    # all 12,816 val frames stay indexed; Table 2 from 300 of them (32 chunks x N² took 8 min on CI)
+    "retrieval evaluate idx/sprites --out runs/sprites/report": "--queries 300",
     "retrieval train shapes:20000 --out runs/shapes --steps 4000 --batch-size 32 --mask per-sample --lr 5e-4 "
     "--critic-lr-scale 4":
         "--steps 2 --batch-size 4",

@@ -95,6 +95,37 @@ def test_vectorised_ap_equals_one_query_at_a_time(seed, integer, workers):
                                rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_chosen_queries_rank_every_row_as_when_all_query(workers):
+    rng = np.random.default_rng(4)
+    n = 120
+    x = rng.normal(size=(n, 4))
+    labels = np.stack([rng.integers(0, k, n) for k in (3, 30)], axis=1)
+    asked = np.array([0, 5, 6, 59, 119])                            # first, last, neighbours
+    np.testing.assert_allclose(query_ap(x, labels, block=n * 2, workers=workers, queries=asked),
+                               _slow_query_ap(x, labels)[asked], rtol=1e-12, atol=0)
+
+
+def test_map_table_from_drawn_queries():
+    rng = np.random.default_rng(5)
+    n = 200
+    x = rng.normal(size=(n, 2, 3))
+    labels = {"a": rng.integers(0, 4, n), "b": rng.integers(0, 3, n)}
+    labels["b"][:50] = -1                                           # a second group: b's own draw
+    table = map_table(x, labels, queries=40, seed=7)
+    draw = np.random.default_rng(7)                                 # the documented draw, group by group
+    for name, code in labels.items():
+        keep = code >= 0
+        asked = np.sort(draw.choice(keep.sum(), 40, replace=False))
+        for c in range(2):
+            ref = _slow_query_ap(x[keep, c], code[keep, None])[asked, 0]   # every labelled row a candidate
+            assert table[name]["map"][c] == pytest.approx(np.nanmean(ref), abs=1e-12)
+        counts = np.bincount(code[keep])[code[keep][asked]] - 1
+        assert table[name]["random"] == pytest.approx(random_ap(counts, keep.sum() - 1).mean())
+        assert table[name]["queries"] + table[name]["skipped"] == 40
+    assert map_table(x, labels, queries=n) == map_table(x, labels)  # as many as there are: all
+
+
 @pytest.mark.parametrize("m", range(1, 8))
 def test_random_ap_is_the_mean_over_every_ranking(m):
     for r in range(1, m + 1):
