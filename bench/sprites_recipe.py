@@ -53,11 +53,12 @@ def as_batch(pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1
 
 
-def evaluate(model, pixels: np.ndarray, labels: dict, every: int = 2) -> dict:
+def evaluate(model, pixels: np.ndarray, labels: dict, every: int = 2, queries: int | None = None) -> dict:
     """Best-chunk mAP per attribute on every `every`-th frame, and the reconstruction MSE.
 
     Every other frame keeps 89 of the 178 poses, so pose reads higher than in the full protocol
-    (docs/results.md); the character attributes agree with it."""
+    (docs/results.md); the character attributes agree with it. queries: Table 2 from that many
+    drawn query frames (retrieval.evaluate.map_table), for a quick look; default all."""
     model.eval()
     keep = np.arange(0, len(pixels), every)
     with torch.no_grad():
@@ -66,7 +67,7 @@ def evaluate(model, pixels: np.ndarray, labels: dict, every: int = 2) -> dict:
         x = as_batch(pixels[keep[:2048]])
         mse = float(((model.decode(model.encode(x)) - x) ** 2).mean())
     model.train()
-    table = map_table(feats, {a: v[keep] for a, v in labels.items()})
+    table = map_table(feats, {a: v[keep] for a, v in labels.items()}, queries=queries)
     best = {a: max(r["map"]) for a, r in table.items()}
     return {"best": best, "chunk": {a: int(np.argmax(r["map"])) for a, r in table.items()},
             "random": {a: r["random"] for a, r in table.items()},
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=float, default=5, help="Minutes between evaluations.")
     ap.add_argument("--anneal", type=float, default=0.0,
                     help="Fraction of the budget at its end over which lr falls linearly to 0.")
+    ap.add_argument("--eval-queries", type=int, help="Query frames drawn per evaluation (default: all of them).")
     ap.add_argument("--out", default="runs/recipe")
     a = ap.parse_args()
     cfg = replace(preset(a.preset), **json.loads(a.cfg))
@@ -114,7 +116,7 @@ def main() -> None:
                 step += 1
             trained += time.perf_counter() - t0
             losses = {k: round(float(v), 4) for k, v in values.items()}
-            result = {**evaluate(trainer.ae, val_pixels, val_labels), "step": step,
+            result = {**evaluate(trainer.ae, val_pixels, val_labels, queries=a.eval_queries), "step": step,
                       "minutes": round(trained / 60, 2), "pairs_per_s": round(step * tc.batch_size / trained, 1),
                       "losses": losses}
             log.write(json.dumps(result) + "\n")

@@ -239,6 +239,9 @@ RULES = [
     Rule(_text(r"runs/ablation-sprites/"), False,
          "reads the pending Sprites GPU ablation: its inputs are checked on the shapes ablation's "
          "output, which has the same layout (STAND_INS)"),
+    Rule(_text(r"runs/abl32/seed0/"), False,
+         "reads the 20-minute Sprites ablation's seed-0 run (an hour of training): its inputs are checked "
+         "on the shapes ablation's output, which has the same layout (STAND_INS)"),
     Rule(_text(r"^curl "), True, "against `retrieval serve` (on a free port) over an index of shapes"),
     Rule(_text(r"^(\S+=\S+ )*(\.venv/bin/)?python bench/"), True, "the bench script at a tiny size (BUDGET)"),
     Rule(_text(r"^(\S+=\S+ )*retrieval "), True,
@@ -247,6 +250,8 @@ RULES = [
 
 # Appended to the documented line when it runs (click and argparse take an option's last value):
 # the same code path at a size that takes seconds instead of hours.
+# a recipe run for 1 s, evaluated from 200 drawn queries (all 6,408 frames x 32 chunks took ~50 s each)
+RECIPE_BUDGET = "--minutes 0.02 --eval-every 0.02 --eval-queries 200"
 BUDGET = {
     "retrieval train ../shared/data/mnist --out runs/mnist": "--steps 2 --batch-size 4",
     "retrieval train ../shared/data/sprites --out runs/sprites": "--steps 2 --batch-size 4",
@@ -271,28 +276,28 @@ BUDGET = {
     ".venv/bin/python bench/index_load.py --n 200000 --repeats 3": "--n 2000 --repeats 1",
     ".venv/bin/python bench/shard_bench.py --n 1000000 --shards 2 --queries 30": "--n 3000 --queries 2",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name recipe-seed1 --tc '{\"seed\": 1}' --minutes 20 "
-    "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
+    "--eval-every 10": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name cd64 --cfg '{\"chunk_dim\": 64}' --minutes 20 "
-    "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
+    "--eval-every 10": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name cd8 --cfg '{\"chunk_dim\": 8}' --minutes 20 "
-    "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
+    "--eval-every 10": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name nc16-seed1 --cfg '{\"n_chunks\": 16}' --tc "
-    "'{\"seed\": 1}' --minutes 20 --eval-every 10": "--minutes 0.02 --eval-every 0.02",
+    "'{\"seed\": 1}' --minutes 20 --eval-every 10": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name nc32d8-perbatch-seed1 --cfg '{\"n_chunks\": 32, "
     "\"chunk_dim\": 8}' --tc '{\"mask\": \"per-batch\", \"seed\": 1}' --minutes 20 --eval-every 5":
-        "--minutes 0.02 --eval-every 0.02",
+        RECIPE_BUDGET,
     ".venv/bin/python bench/evaluate_bench.py --chunks 32": "--n 300 --repeats 1",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name anneal30 --anneal 0.3 --minutes 20 "
-    "--eval-every 10": "--minutes 0.02 --eval-every 0.02",
+    "--eval-every 10": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name rec10 --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10}' "
     "--seeds 0 --steps 4000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name demo-wu1k --tc '{\"warmup_steps\": 1000}' "
     "--seeds 0 --steps 5000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name e2 --preset shapes --cfg "
-    "'{\"lambda_m\": 10, \"lambda_rec\": 10}' --minutes 12 --eval-every 4": "--minutes 0.02 --eval-every 0.02",
+    "'{\"lambda_m\": 10, \"lambda_rec\": 10}' --minutes 12 --eval-every 4": RECIPE_BUDGET,
 }
-# validated inputs that only a GPU run would produce -> the same files of a run made here
-STAND_INS = {"runs/ablation-sprites/": "runs/ablation-shapes/"}
+# validated inputs that only a GPU run or an hour's training would produce -> the same files of a run made here
+STAND_INS = {"runs/ablation-sprites/": "runs/ablation-shapes/", "runs/abl32/seed0/": "runs/ablation-shapes/"}
 # values for a synopsis's placeholders when it is parsed
 SAMPLE = {"DATA": "shapes:50", "NAME": "x", "KEY": "shape_000005", "N": "2", "M": "4", "B": "4",
           "P": "tiny", "RUN": "runs/x", "INDEX": "idx/x"}
