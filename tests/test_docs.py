@@ -291,6 +291,9 @@ BUDGET = {
     "--eval-every 10": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name rec10 --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10}' "
     "--seeds 0 --steps 4000": "--steps 2 --images 200",
+    "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name sprites-recipe --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10, "
+    "\"n_chunks\": 32, \"chunk_dim\": 8}' --tc '{\"mask\": \"per-batch\", \"batch_size\": 64, \"critic_lr_scale\": 1.0}' "
+    "--seeds 0 --steps 4000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name demo-wu1k --tc '{\"warmup_steps\": 1000}' "
     "--seeds 0 --steps 5000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name e2 --preset shapes --cfg "
