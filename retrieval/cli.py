@@ -399,7 +399,7 @@ def evaluate(index_path, split, whole, as_json, out, queries):
     if as_json:
         click.echo(json.dumps(report))
         return
-    sampled = f", {queries} of them drawn as queries" if queries else ""
+    sampled = f", {report['sampled_queries']} of them drawn as queries" if report["sampled_queries"] else ""
     click.echo(f"{report['images']} images of split {report['split'] or 'all'}{sampled} ({report['seconds']} s); "
                "mAP by chunk, * = best per attribute")
     click.echo(table2_markdown(report))

@@ -324,6 +324,8 @@ def evaluate_index(idx: Index, split: str | None = None, *, whole: bool | None =
         raise RetrievalError(f"no attribute with two or more values is labelled in split {split!r} "
                              f"of {idx.path}; evaluation needs labelled images")
     log.info("Table 2 on %d images x %d chunk(s) x %d attributes", rows.sum(), features.shape[1], len(codes))
+    if queries is not None and queries >= rows.sum():
+        queries = None  # as many as there are images: every image queries, and the report says so
     table = map_table(features[rows], codes, progress=progress, queries=queries)
     n_chunks = features.shape[1]
     best = {a: int(np.argmax(v["map"])) for a, v in table.items()}

@@ -248,10 +248,10 @@ RULES = [
          "for real in the sandbox, in documented order: later lines read what earlier ones wrote"),
 ]
 
-# Appended to the documented line when it runs (click and argparse take an option's last value):
-# the same code path at a size that takes seconds instead of hours.
 # a recipe run for 1 s, evaluated from 200 drawn queries (all 6,408 frames x 32 chunks took ~50 s each)
 RECIPE_BUDGET = "--minutes 0.02 --eval-every 0.02 --eval-queries 200"
+# Appended to the documented line when it runs (click and argparse take an option's last value):
+# the same code path at a size that takes seconds instead of hours.
 BUDGET = {
     "retrieval train ../shared/data/mnist --out runs/mnist": "--steps 2 --batch-size 4",
     "retrieval train ../shared/data/sprites --out runs/sprites": "--steps 2 --batch-size 4",

@@ -302,6 +302,10 @@ def test_evaluate_an_index(crafted, tmp_path):
     text = ok("evaluate", crafted, "--split", "train").output
     assert "| chunk 0 | 1.000* |" in text and "Random" in text and "suggested names: 0=shape, 1=background" in text
     assert json.loads(ok("evaluate", crafted, "--whole", "--json").stdout)["n_chunks"] == 1
+    drawn = json.loads(ok("evaluate", crafted, "--queries", "50", "--json").stdout)
+    assert drawn["sampled_queries"] == 50 and all(t["queries"] + t["skipped"] == 50 for t in drawn["table2"].values())
+    every = json.loads(ok("evaluate", crafted, "--queries", "100000", "--json").stdout)   # more than there are
+    assert every["sampled_queries"] is None and every["table2"] == report["table2"]
 
 
 def test_accept_suggestions_names_the_chunks(crafted, tmp_path):
