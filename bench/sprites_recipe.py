@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=float, default=5, help="Minutes between evaluations.")
     ap.add_argument("--anneal", type=float, default=0.0,
                     help="Fraction of the budget at its end over which lr falls linearly to 0.")
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="Also evaluate an exponential moving average of the weights with this decay.")
     ap.add_argument("--eval-queries", type=int, help="Query frames drawn per evaluation (default: all of them).")
     ap.add_argument("--out", default="runs/recipe")
     a = ap.parse_args()
@@ -97,6 +99,9 @@ def main() -> None:
     pixels = torch.from_numpy(load(a.data, "train", cfg.image_size, cache)[0])
     val_pixels, val_labels = load(a.data, "val", cfg.image_size, cache)
     trainer = MixingTrainer(cfg, tc, torch.device("cpu"))
+    ema = (torch.optim.swa_utils.AveragedModel(trainer.ae, use_buffers=True,
+                                               multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(a.ema))
+           if a.ema else None)
     g = torch.Generator().manual_seed(tc.seed)
     run = Path(a.out) / a.name
     run.mkdir(parents=True, exist_ok=True)
@@ -114,17 +119,23 @@ def main() -> None:
                 mask = torch.randint(0, 2, shape, generator=g).bool()
                 values = trainer.warmup_step(x1, x2) if step < tc.warmup_steps else trainer.step(x1, x2, mask)
                 step += 1
+                if ema is not None:
+                    ema.update_parameters(trainer.ae)
             trained += time.perf_counter() - t0
             losses = {k: round(float(v), 4) for k, v in values.items()}
             result = {**evaluate(trainer.ae, val_pixels, val_labels, queries=a.eval_queries), "step": step,
                       "minutes": round(trained / 60, 2), "pairs_per_s": round(step * tc.batch_size / trained, 1),
                       "losses": losses}
+            if ema is not None:
+                result["ema"] = evaluate(ema.module, val_pixels, val_labels, queries=a.eval_queries)
             log.write(json.dumps(result) + "\n")
             log.flush()
             print(a.name, f"step {step} ({result['minutes']} min, {result['pairs_per_s']} pairs/s): "
                   f"average {result['avg']:.3f}, mse {result['mse']:.4f};",
-                  " ".join(f"{k} {v:.3f}" for k, v in result["best"].items()), flush=True)
-    torch.save({"model_config": cfg.to_dict(), "autoencoder": trainer.ae.state_dict()}, run / "model.pt")
+                  " ".join(f"{k} {v:.3f}" for k, v in result["best"].items()),
+                  f"| ema average {result['ema']['avg']:.3f}, mse {result['ema']['mse']:.4f}" if ema else "", flush=True)
+    torch.save({"model_config": cfg.to_dict(), "autoencoder": trainer.ae.state_dict(),
+                **({"autoencoder_ema": ema.module.state_dict()} if ema else {})}, run / "model.pt")
 
 
 if __name__ == "__main__":
