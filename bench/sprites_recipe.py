@@ -6,7 +6,8 @@ protocol's cost) every few minutes, with the reconstruction error and the losses
 Overrides of the preset's ModelConfig and of the training options are JSON, so that any
 setting can be tried without a preset of its own; the trainer is the project's MixingTrainer.
 The evaluation minutes are not counted as training minutes. One JSON line per evaluation goes
-to OUT/NAME/log.jsonl, the final weights to OUT/NAME/model.pt.
+to OUT/NAME/log.jsonl, the final weights to OUT/NAME/model.pt (with `--ema`, their moving
+average beside them, evaluated at each evaluation too).
 
     OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name e2 --preset shapes \\
         --cfg '{"lambda_m": 10, "lambda_rec": 10}' --tc '{"batch_size": 64}' --minutes 12
