@@ -49,6 +49,11 @@ class ModelConfig:
     # What the critic is shown as real: "data" (Eq. 2) or "reconstruction", Dec(Enc(x1)), so
     # that it can tell mixed images only by mixing artefacts, never by the decoder's blur.
     critic_real: str = "data"
+    # Not in Eq. 4: XCov (Cheung et al. 2015), λ_xcov · the mean squared correlation between
+    # feature dimensions of different chunks over the batch. The factors of Sprites are drawn
+    # independently, so chunks that each hold one factor are uncorrelated; a factor split over
+    # several chunks makes them correlate. 0 = the paper's objective.
+    lambda_xcov: float = 0.0
 
     def __post_init__(self):
         if self.norm not in ("instance", "batch", "none"):
@@ -59,6 +64,8 @@ class ModelConfig:
             raise RetrievalError(f"critic_real must be 'data' or 'reconstruction', not {self.critic_real!r}")
         if self.lambda_feat < 0:
             raise RetrievalError(f"lambda_feat must be >= 0, not {self.lambda_feat}")
+        if self.lambda_xcov < 0:
+            raise RetrievalError(f"lambda_xcov must be >= 0, not {self.lambda_xcov}")
 
     @property
     def feature_dim(self) -> int:

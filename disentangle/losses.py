@@ -20,6 +20,17 @@ def latent_cycle_loss(f3: torch.Tensor, target: torch.Tensor, features: torch.Te
     return F.mse_loss(f3, target) / scale
 
 
+def cross_chunk_correlation(features: torch.Tensor) -> torch.Tensor:
+    """XCov: the mean squared Pearson correlation over the batch between every dimension of a
+    chunk and every dimension of every other chunk; features (B, chunks, dim)."""
+    b, chunks, dim = features.shape
+    z = features.flatten(1)
+    z = (z - z.mean(0)) / z.std(0).clamp_min(1e-6)
+    corr = z.T @ z / (b - 1)
+    other = ~torch.block_diag(*[torch.ones(dim, dim, dtype=torch.bool, device=z.device)] * chunks)
+    return corr[other].square().mean()
+
+
 def classifier_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """L_C: per-chunk binary cross-entropy; the target is 1 where the chunk came from x1."""
     target = mask.to(logits.dtype).expand_as(logits)  # a per-batch mask applies to every pair

@@ -101,6 +101,7 @@ class MixingAutoencoder(nn.Module):
         # the authors' direct reconstruction of both inputs next to the mixing cycle (λ_rec > 0)
         self.pair_rec = cfg.lambda_rec > 0 and "mix" in self.losses
         self.latent_cycle = cfg.lambda_feat > 0 and "mix" in self.losses
+        self.decorrelate = cfg.lambda_xcov > 0 and "mix" in self.losses
         self.critic_on_rec = cfg.critic_real == "reconstruction" and "g" in self.losses
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.classifier = ChunkClassifier(cfg) if "c" in self.losses else None
@@ -123,7 +124,9 @@ class MixingAutoencoder(nn.Module):
             f3 = self.encoder(x3)
             out["x4"] = self.decoder(mix(f3, f1, mask))  # unmixed: should give x1 back
             if self.latent_cycle:
-                out["f3"], out["f_mixed"], out["f_pair"] = f3, mixed, f
+                out["f3"], out["f_mixed"] = f3, mixed
+            if self.latent_cycle or self.decorrelate:
+                out["f_pair"] = f
         if self.critic_on_rec:  # the critic's real side: x1 as the decoder draws it
             if "rec" in out:
                 out["critic_real"] = out["rec"][: len(x1)].detach()

@@ -93,6 +93,8 @@ class MixingTrainer:
         if "f3" in o:
             values["loss_feat"] = losses.latent_cycle_loss(o["f3"].float(), o["f_mixed"].float(),
                                                            o["f_pair"].float())
+        if self.ae.decorrelate:
+            values["loss_xcov"] = losses.cross_chunk_correlation(o["f_pair"].float())
         if "cls" in o:
             values["loss_c"] = losses.classifier_loss(o["cls"].float(), mask)
         if self.critic:
@@ -106,7 +108,8 @@ class MixingTrainer:
                                 + rec_weight * values.get("loss_rec", 0)
                                 + cfg.lambda_g * values.get("loss_g", 0)
                                 + cfg.lambda_c * values.get("loss_c", 0)
-                                + cfg.lambda_feat * values.get("loss_feat", 0))
+                                + cfg.lambda_feat * values.get("loss_feat", 0)
+                                + cfg.lambda_xcov * values.get("loss_xcov", 0))
         return values, o
 
     def warmup_step(self, x1: torch.Tensor, x2: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -125,6 +125,53 @@ def test_latent_cycle_adds_lambda_feat_times_the_normalised_feature_error():
     assert "loss_feat" not in plain._generator_losses(x1, x2, mask)[0]
 
 
+def test_cross_chunk_correlation_matches_numpy_corrcoef():
+    """XCov: the mean of squared correlations between dimensions of different chunks, against
+    numpy's float64 corrcoef; dimensions within one chunk may correlate freely."""
+    import numpy as np
+
+    torch.manual_seed(5)
+    f = torch.randn(40, 3, 4)
+    f[:, 1, 2] += 0.8 * f[:, 0, 0]       # across chunks: counted
+    f[:, 2, 3] += 2.0 * f[:, 2, 0]       # inside one chunk: not counted
+    corr = np.corrcoef(f.double().flatten(1).numpy(), rowvar=False)
+    chunk = np.repeat(np.arange(3), 4)
+    expected = (corr[chunk[:, None] != chunk[None, :]] ** 2).mean()
+    assert losses.cross_chunk_correlation(f).item() == pytest.approx(expected, rel=1e-5)
+    # one chunk's dimensions copied from another's: the largest correlation there can be
+    twins = torch.randn(40, 1, 4).repeat(1, 2, 1)
+    copied = np.corrcoef(twins.double().flatten(1).numpy(), rowvar=False)[:4, 4:]
+    assert losses.cross_chunk_correlation(twins).item() == pytest.approx((copied ** 2).mean(), rel=1e-5)
+
+
+def test_xcov_adds_lambda_xcov_times_the_cross_chunk_correlation_of_both_inputs():
+    """λ_xcov > 0: the total gains λ_xcov · XCov of Enc(x1) and Enc(x2) stacked, recomputed in
+    float64; the paper's presets compute no such term."""
+    import numpy as np
+
+    from disentangle.config import TrainConfig
+    from disentangle.step import MixingTrainer
+
+    torch.manual_seed(6)
+    cfg = replace(PRESETS["tiny"], lambda_xcov=3.0)
+    trainer = MixingTrainer(cfg, TrainConfig(variant="mix"), torch.device("cpu"))
+    x1, x2 = torch.rand(6, 3, 16, 16) * 2 - 1, torch.rand(6, 3, 16, 16) * 2 - 1
+    mask = torch.randint(0, 2, (8,)).bool()
+    values, _ = trainer._generator_losses(x1, x2, mask)
+    ae = trainer.ae.double()
+    with torch.no_grad():
+        f = ae.encode(torch.cat([x1, x2]).double())
+        f1, f2 = f.chunk(2)
+        mixing = ((ae.decode(mix(ae.encode(ae.decode(mix(f1, f2, mask))), f1, mask)) - x1.double()) ** 2).mean().item()
+    corr = np.corrcoef(f.flatten(1).numpy(), rowvar=False)
+    chunk = np.repeat(np.arange(8), 4)
+    xcov = (corr[chunk[:, None] != chunk[None, :]] ** 2).mean()
+    assert values["loss_xcov"].item() == pytest.approx(xcov, rel=1e-4)
+    assert values["loss_total"].item() == pytest.approx(mixing + 3.0 * xcov, rel=1e-4)
+    plain = MixingTrainer(PRESETS["tiny"], TrainConfig(variant="mix"), torch.device("cpu"))
+    assert "loss_xcov" not in plain._generator_losses(x1, x2, mask)[0]
+
+
 @pytest.mark.parametrize("lambda_rec", [0.0, 1.0])
 def test_critic_can_be_shown_reconstructions_as_real(lambda_rec):
     """critic_real='reconstruction': the critic's real input is Dec(Enc(x1)), not x1, whether or not
@@ -178,6 +225,8 @@ def test_unknown_discriminator_norm_is_refused():
         replace(PRESETS["tiny"], critic_real="mixed")
     with pytest.raises(RetrievalError, match="lambda_feat"):
         replace(PRESETS["tiny"], lambda_feat=-1.0)
+    with pytest.raises(RetrievalError, match="lambda_xcov"):
+        replace(PRESETS["tiny"], lambda_xcov=-1.0)
 
 
 @pytest.mark.parametrize("norm, layer", [("instance", torch.nn.InstanceNorm2d),
