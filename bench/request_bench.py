@@ -6,8 +6,9 @@ Builds a synthetic index of N random images x 8 chunks x 64 (bench/index_load.py
 query and in alternating order (so both see the same cache state): `retrieval.search.search`
 on the query image's stored vector (excluding itself, as the service does) with one BLAS
 thread, as the server runs each request; `Index.query_for` + `Index.search` (the library calls
-behind one request); and one keep-alive HTTP request with its JSON parsed. Medians over
---queries queries after a warm-up. Loopback only.
+behind one request); the same GET through the Flask app in this process (its test client: the
+app's own work, no socket and no WSGI server); and one keep-alive HTTP request with its JSON
+parsed. Medians over --queries queries after a warm-up. Loopback only.
 
     python bench/request_bench.py [--n 200000] [--queries 300]
 """
@@ -32,21 +33,28 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from index_load import make_index  # noqa: E402
 from load_test import CHUNK_SETS, K, make_model, serving  # noqa: E402
 
+from api import create_app  # noqa: E402
 from retrieval.index import Index  # noqa: E402
 from retrieval.search import search  # noqa: E402
 
 
-def measure(idx: Index, conn: http.client.HTTPConnection, chunks: str, n: int, queries: int,
+def measure(idx: Index, app, conn: http.client.HTTPConnection, chunks: str, n: int, queries: int,
             warmup: int = 20) -> dict:
     chosen = idx.resolve_chunks(chunks)
     rng = np.random.default_rng(len(chosen))
-    times: dict[str, list[float]] = {"core": [], "library": [], "request": []}
+    times: dict[str, list[float]] = {"core": [], "library": [], "app": [], "request": []}
+    client = app.test_client()
 
     def core(i):
         search(idx.store, idx.store.vector(i)[None], chosen, K, exclude_ids=[i])
 
     def library(i):
         idx.search(idx.query_for(i), chosen, K)
+
+    def in_app(i):
+        response = client.get(f"/search?image={i}&chunks={chunks}&k={K}")
+        if response.status_code != 200 or len(response.json["results"]) != K:
+            raise SystemExit(f"bad answer in the app {response.status_code}: {response.json}")
 
     def request(i):
         conn.request("GET", f"/search?image={i}&chunks={chunks}&k={K}")
@@ -55,7 +63,7 @@ def measure(idx: Index, conn: http.client.HTTPConnection, chunks: str, n: int, q
         if response.status != 200 or len(body["results"]) != K:
             raise SystemExit(f"bad answer {response.status}: {body}")
 
-    steps = [("core", core), ("library", library), ("request", request)]
+    steps = [("core", core), ("library", library), ("app", in_app), ("request", request)]
     for q in range(warmup + queries):
         i = int(rng.integers(1, n + 1))
         for name, fn in steps if q % 2 else steps[::-1]:
@@ -81,22 +89,23 @@ def main():
         make_index(index_dir, args.n)
         make_model(index_dir, chunk_dim=64)
         idx = Index(index_dir)
+        app = create_app({"INDEX": str(index_dir)})
         rows = {}
         with serving(index_dir, args.threads) as base, threadpool_limits(1, user_api="blas"):
             host, port = base.removeprefix("http://").split(":")
             conn = http.client.HTTPConnection(host, int(port), timeout=30)
             for c, chunks in CHUNK_SETS.items():
-                rows[c] = measure(idx, conn, chunks, args.n, args.queries)
+                rows[c] = measure(idx, app, conn, chunks, args.n, args.queries)
             conn.close()
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     print(f"\n{args.n:,} images x 8 chunks x 64, k={K}, one BLAS thread; server --threads {args.threads}; "
           f"one keep-alive client; medians of {args.queries} queries\n")
-    print("| chunks | core p50 (ms) | Index.query_for + search p50 (ms) | request p50 (ms) | request p99 (ms) "
-          "| **request / core** |")
-    print("|---|---|---|---|---|---|")
+    print("| chunks | core p50 (ms) | Index.query_for + search p50 (ms) | Flask app in-process p50 (ms) "
+          "| request p50 (ms) | request p99 (ms) | **request / core** |")
+    print("|---|---|---|---|---|---|---|")
     for c, r in rows.items():
-        print(f"| {c} | {r['core_p50_ms']:.2f} | {r['library_p50_ms']:.2f} | {r['request_p50_ms']:.2f} "
-              f"| {r['request_p99_ms']:.2f} | **{r['ratio']:.2f}** |")
+        print(f"| {c} | {r['core_p50_ms']:.2f} | {r['library_p50_ms']:.2f} | {r['app_p50_ms']:.2f} "
+              f"| {r['request_p50_ms']:.2f} | {r['request_p99_ms']:.2f} | **{r['ratio']:.2f}** |")
 
 
 if __name__ == "__main__":
