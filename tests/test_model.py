@@ -125,6 +125,15 @@ def test_latent_cycle_adds_lambda_feat_times_the_normalised_feature_error():
     assert "loss_feat" not in plain._generator_losses(x1, x2, mask)[0]
 
 
+def _cross_chunk_correlation_reference(f: torch.Tensor) -> float:
+    """The mean squared float64 corrcoef between columns of different chunks of f (B, chunks, dim)."""
+    import numpy as np
+
+    corr = np.corrcoef(f.double().flatten(1).numpy(), rowvar=False)
+    chunk = np.repeat(np.arange(f.shape[1]), f.shape[2])
+    return (corr[chunk[:, None] != chunk[None, :]] ** 2).mean()
+
+
 def test_cross_chunk_correlation_matches_numpy_corrcoef():
     """XCov: the mean of squared correlations between dimensions of different chunks, against
     numpy's float64 corrcoef; dimensions within one chunk may correlate freely."""
@@ -134,9 +143,7 @@ def test_cross_chunk_correlation_matches_numpy_corrcoef():
     f = torch.randn(40, 3, 4)
     f[:, 1, 2] += 0.8 * f[:, 0, 0]       # across chunks: counted
     f[:, 2, 3] += 2.0 * f[:, 2, 0]       # inside one chunk: not counted
-    corr = np.corrcoef(f.double().flatten(1).numpy(), rowvar=False)
-    chunk = np.repeat(np.arange(3), 4)
-    expected = (corr[chunk[:, None] != chunk[None, :]] ** 2).mean()
+    expected = _cross_chunk_correlation_reference(f)
     assert losses.cross_chunk_correlation(f).item() == pytest.approx(expected, rel=1e-5)
     # one chunk's dimensions copied from another's: the largest correlation there can be
     twins = torch.randn(40, 1, 4).repeat(1, 2, 1)
@@ -147,8 +154,6 @@ def test_cross_chunk_correlation_matches_numpy_corrcoef():
 def test_xcov_adds_lambda_xcov_times_the_cross_chunk_correlation_of_both_inputs():
     """λ_xcov > 0: the total gains λ_xcov · XCov of Enc(x1) and Enc(x2) stacked, recomputed in
     float64; the paper's presets compute no such term."""
-    import numpy as np
-
     from disentangle.config import TrainConfig
     from disentangle.step import MixingTrainer
 
@@ -163,9 +168,7 @@ def test_xcov_adds_lambda_xcov_times_the_cross_chunk_correlation_of_both_inputs(
         f = ae.encode(torch.cat([x1, x2]).double())
         f1, f2 = f.chunk(2)
         mixing = ((ae.decode(mix(ae.encode(ae.decode(mix(f1, f2, mask))), f1, mask)) - x1.double()) ** 2).mean().item()
-    corr = np.corrcoef(f.flatten(1).numpy(), rowvar=False)
-    chunk = np.repeat(np.arange(8), 4)
-    xcov = (corr[chunk[:, None] != chunk[None, :]] ** 2).mean()
+    xcov = _cross_chunk_correlation_reference(f)
     assert values["loss_xcov"].item() == pytest.approx(xcov, rel=1e-4)
     assert values["loss_total"].item() == pytest.approx(mixing + 3.0 * xcov, rel=1e-4)
     plain = MixingTrainer(PRESETS["tiny"], TrainConfig(variant="mix"), torch.device("cpu"))
