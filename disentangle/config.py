@@ -54,8 +54,18 @@ class ModelConfig:
     # independently, so chunks that each hold one factor are uncorrelated; a factor split over
     # several chunks makes them correlate. 0 = the paper's objective.
     lambda_xcov: float = 0.0
+    # Not in the paper: how many of each chunk's chunk_dim numbers the encoder may use (the rest
+    # stay 0, so the index keeps one width and L2 is unchanged); () = all of them. Measured as a
+    # few wide chunks for pose beside narrow ones for the colours (docs/results.md, "Sixteen
+    # chunks of 16, and chunks of two widths"); no preset uses it.
+    chunk_widths: tuple[int, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "chunk_widths", tuple(self.chunk_widths))  # JSON gives a list
+        if self.chunk_widths and (len(self.chunk_widths) != self.n_chunks
+                                  or not all(1 <= w <= self.chunk_dim for w in self.chunk_widths)):
+            raise RetrievalError(f"chunk_widths must give one width in 1..chunk_dim ({self.chunk_dim}) "
+                                 f"for each of the {self.n_chunks} chunks, not {list(self.chunk_widths)}")
         if self.norm not in ("instance", "batch", "none"):
             raise RetrievalError(f"norm must be 'instance', 'batch' or 'none', not {self.norm!r}")
         if self.dsc_norm not in ("batch", "spectral"):

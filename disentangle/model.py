@@ -25,9 +25,15 @@ class Encoder(nn.Module):
             norm=cfg.norm, activation=cfg.activation, final_activation="lrelu")
         if out != (cfg.feature_dim,):
             raise ValueError(f"{cfg.name}: encoder gives {out}, expected ({cfg.feature_dim},)")
+        # chunks narrower than chunk_dim: their last numbers are held at 0 (not saved: it follows
+        # from the config, and checkpoints from before the option load unchanged)
+        widths = cfg.chunk_widths or (cfg.chunk_dim,) * cfg.n_chunks
+        used = torch.arange(cfg.chunk_dim) < torch.tensor(widths)[:, None]
+        self.register_buffer("used", used.float() if not used.all() else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).view(-1, self.n_chunks, self.chunk_dim)  # (B, chunks, dim)
+        f = self.net(x).view(-1, self.n_chunks, self.chunk_dim)  # (B, chunks, dim)
+        return f if self.used is None else f * self.used
 
 
 class Decoder(nn.Module):

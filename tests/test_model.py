@@ -239,3 +239,34 @@ def test_encoder_and_decoder_use_the_configured_norm(norm, layer):
     for net in (model.encoder, model.decoder):
         found = {type(m) for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)}
         assert found == ({layer} if layer else set())
+
+
+def test_narrow_chunks_hold_zeros_past_their_width_and_the_rest_is_unchanged():
+    """chunk_widths: a chunk of width w keeps its first w numbers as the plain encoder gives them
+    and 0 after, for every image; () or all widths = chunk_dim is the plain encoder."""
+    torch.manual_seed(7)
+    widths = (4, 2, 1, 4, 3, 4, 2, 4)
+    plain = MixingAutoencoder(PRESETS["tiny"]).eval()
+    narrow = MixingAutoencoder(replace(PRESETS["tiny"], chunk_widths=list(widths))).eval()
+    narrow.load_state_dict(plain.state_dict())  # the option adds no weight: old checkpoints load
+    x = torch.rand(5, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        f, g = plain.encode(x), narrow.encode(x)
+    for c, w in enumerate(widths):
+        torch.testing.assert_close(g[:, c, :w], f[:, c, :w])
+        assert torch.equal(g[:, c, w:], torch.zeros_like(g[:, c, w:]))
+    full = MixingAutoencoder(replace(PRESETS["tiny"], chunk_widths=(4,) * 8)).eval()
+    full.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert torch.equal(full.encode(x), f)
+
+
+def test_chunk_widths_must_fit_the_chunks():
+    from disentangle.config import ModelConfig
+    from disentangle.errors import RetrievalError
+
+    for bad in [(4,) * 7, (4,) * 7 + (5,), (0,) + (4,) * 7]:
+        with pytest.raises(RetrievalError, match="chunk_widths"):
+            replace(PRESETS["tiny"], chunk_widths=bad)
+    cfg = replace(PRESETS["tiny"], chunk_widths=[2] * 8)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # a checkpoint's JSON round trip
