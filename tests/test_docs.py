@@ -302,6 +302,8 @@ BUDGET = {
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name y2-w16x4-s0 --cfg '{\"chunk_dim\": 16, \"chunk_widths\": "
     "[16, 16, 16, 16, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8]}' "
     "--tc '{\"seed\": 0}' --minutes 20 --eval-every 10 --eval-queries 2000": RECIPE_BUDGET,
+    "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name y3-b128-s0 --tc '{\"seed\": 0, \"batch_size\": 128}' "
+    "--minutes 20 --eval-every 10 --eval-queries 2000": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name rec10 --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10}' "
     "--seeds 0 --steps 4000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name sprites-recipe --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10, "
