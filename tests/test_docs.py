@@ -306,6 +306,8 @@ BUDGET = {
     "--minutes 20 --eval-every 10 --eval-queries 2000": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name y4-beta09-s0 --tc '{\"seed\": 0, \"beta1\": 0.9}' "
     "--minutes 20 --eval-every 10 --eval-queries 2000": RECIPE_BUDGET,
+    "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name y5-base-s0 --tc '{\"seed\": 0}' "
+    "--minutes 20 --eval-every 10 --eval-queries 2000": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name rec10 --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10}' "
     "--seeds 0 --steps 4000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name sprites-recipe --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10, "
