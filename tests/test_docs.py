@@ -308,6 +308,8 @@ BUDGET = {
     "--minutes 20 --eval-every 10 --eval-queries 2000": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name y5-base-s0 --tc '{\"seed\": 0}' "
     "--minutes 20 --eval-every 10 --eval-queries 2000": RECIPE_BUDGET,
+    "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name y6-lm20-s0 --cfg '{\"lambda_m\": 20}' --tc "
+    "'{\"seed\": 0}' --minutes 20 --eval-every 10 --eval-queries 2000": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name rec10 --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10}' "
     "--seeds 0 --steps 4000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name sprites-recipe --cfg '{\"lambda_m\": 10, \"lambda_rec\": 10, "
