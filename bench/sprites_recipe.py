@@ -7,7 +7,8 @@ Overrides of the preset's ModelConfig and of the training options are JSON, so t
 setting can be tried without a preset of its own; the trainer is the project's MixingTrainer.
 The evaluation minutes are not counted as training minutes. One JSON line per evaluation goes
 to OUT/NAME/log.jsonl, the final weights to OUT/NAME/model.pt (with `--ema`, their moving
-average beside them, evaluated at each evaluation too).
+average beside them, evaluated at each evaluation too). When the preset groups dependent chunks
+(group_ratio), each evaluation also reads the grouped model, as `retrieval train` would serve it.
 
     OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name e2 --preset shapes \\
         --cfg '{"lambda_m": 10, "lambda_rec": 10}' --tc '{"batch_size": 64}' --minutes 12
@@ -24,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from disentangle import grouping
 from disentangle.config import RECIPES, TrainConfig, preset
 from disentangle.data import open_dataset
 from disentangle.step import MixingTrainer
+from disentangle.train import sample_mask
 from retrieval.evaluate import EXCLUDED, encode, map_table
 
 
@@ -106,7 +109,6 @@ def main() -> None:
     g = torch.Generator().manual_seed(tc.seed)
     run = Path(a.out) / a.name
     run.mkdir(parents=True, exist_ok=True)
-    shape = (tc.batch_size, cfg.n_chunks) if tc.mask == "per-sample" else (cfg.n_chunks,)
     step, trained, losses = 0, 0.0, {}
     with (run / "log.jsonl").open("w") as log:
         while trained < a.minutes * 60:
@@ -117,7 +119,7 @@ def main() -> None:
                     left = (a.minutes * 60 - now) / (a.anneal * a.minutes * 60)
                     trainer.set_lr(tc.lr * min(1.0, max(left, 0.0)))
                 x1, x2 = as_batch(pixels[torch.randint(len(pixels), (2 * tc.batch_size,), generator=g)]).chunk(2)
-                mask = torch.randint(0, 2, shape, generator=g).bool()
+                mask = sample_mask(tc, cfg.n_chunks, g)
                 values = trainer.warmup_step(x1, x2) if step < tc.warmup_steps else trainer.step(x1, x2, mask)
                 step += 1
                 if ema is not None:
@@ -129,12 +131,22 @@ def main() -> None:
                       "losses": losses}
             if ema is not None:
                 result["ema"] = evaluate(ema.module, val_pixels, val_labels, queries=a.eval_queries)
+            if cfg.group_ratio:  # the same weights as `retrieval train` serves them: dependent chunks as one
+                drawn = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(tc.seed))
+                groups = grouping.groups_on(trainer.ae, as_batch(pixels[drawn[:grouping.SAMPLE]]),
+                                            cfg.group_ratio, tc.seed)
+                grouped, _ = grouping.regroup(trainer.ae, cfg, groups)
+                result["grouped"] = {**evaluate(grouped, val_pixels, val_labels, queries=a.eval_queries),
+                                     "groups": groups}
             log.write(json.dumps(result) + "\n")
             log.flush()
             print(a.name, f"step {step} ({result['minutes']} min, {result['pairs_per_s']} pairs/s): "
                   f"average {result['avg']:.3f}, mse {result['mse']:.4f};",
                   " ".join(f"{k} {v:.3f}" for k, v in result["best"].items()),
-                  f"| ema average {result['ema']['avg']:.3f}, mse {result['ema']['mse']:.4f}" if ema else "", flush=True)
+                  f"| ema average {result['ema']['avg']:.3f}, mse {result['ema']['mse']:.4f}" if ema else "",
+                  f"| grouped ({len(result['grouped']['groups'])} chunks) average {result['grouped']['avg']:.3f}; "
+                  + " ".join(f"{k} {v:.3f}" for k, v in result["grouped"]["best"].items()) if cfg.group_ratio else "",
+                  flush=True)
     torch.save({"model_config": cfg.to_dict(), "autoencoder": trainer.ae.state_dict(),
                 **({"autoencoder_ema": ema.module.state_dict()} if ema else {})}, run / "model.pt")
 

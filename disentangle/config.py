@@ -59,9 +59,22 @@ class ModelConfig:
     # few wide chunks for pose beside narrow ones for the colours (docs/results.md, "Sixteen
     # chunks of 16, and chunks of two widths"); no preset uses it.
     chunk_widths: tuple[int, ...] = ()
+    # Not in the paper: after training, chunks whose dependence on training images is at least
+    # this multiple of the median between any two chunks are searched as one chunk
+    # (disentangle/grouping.py); 0 = every learned chunk is searched alone.
+    group_ratio: float = 0.0
+    # Set on the config a grouped model is served with (never trained with): the learned chunks
+    # each of its chunks holds, in order.
+    chunk_groups: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "chunk_widths", tuple(self.chunk_widths))  # JSON gives a list
+        object.__setattr__(self, "chunk_groups", tuple(tuple(g) for g in self.chunk_groups))
+        if self.chunk_groups and len(self.chunk_groups) != self.n_chunks:
+            raise RetrievalError(f"chunk_groups must give the learned chunks of each of the {self.n_chunks} "
+                                 f"chunks, not {len(self.chunk_groups)} groups")
+        if self.group_ratio < 0:
+            raise RetrievalError(f"group_ratio must be >= 0, not {self.group_ratio}")
         if self.chunk_widths and (len(self.chunk_widths) != self.n_chunks
                                   or not all(1 <= w <= self.chunk_dim for w in self.chunk_widths)):
             raise RetrievalError(f"chunk_widths must give one width in 1..chunk_dim ({self.chunk_dim}) "
@@ -139,8 +152,10 @@ PRESETS: dict[str, ModelConfig] = {
 # and the authors' released loss weights: 10 on the direct reconstructions and on L_M, 1 on
 # L_G and L_C. 32 chunks of 8, not 8 of 64: pose spreads over several chunks, and with 8 the
 # seven character attributes shared the rest (docs/results.md, "Sprites on the CPU").
+# Pose still spreads over several of the 32, so chunks that depend on each other are searched as one
+# (group_ratio; docs/results.md, "Dependent chunks searched as one").
 PRESETS["sprites-cpu"] = replace(PRESETS["shapes"], name="sprites-cpu", lambda_m=10.0, lambda_rec=10.0,
-                                 n_chunks=32, chunk_dim=8)
+                                 n_chunks=32, chunk_dim=8, group_ratio=2.5)
 
 # Training options a preset brings along, the setting it was measured with; each CLI option
 # given explicitly overrides its entry, and presets not listed take TrainConfig's defaults.
@@ -176,6 +191,9 @@ def preset(name: str) -> ModelConfig:
         raise RetrievalError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
+MASK_MODES = ("per-batch", "per-sample", "per-group")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Training options; defaults are the authors' released Sprites settings (DESIGN.md)."""
@@ -192,6 +210,9 @@ class TrainConfig:
     warmup_steps: int = 0
     variant: str = "mix+c+g"
     mask: str = "per-batch"       # the authors' code draws one mask per batch; the paper's text per sample
+    # Not in the paper: with mask "per-group", this many masks per batch, each shared by a run of
+    # batch_size / mask_groups consecutive pairs (between one per batch and one per pair)
+    mask_groups: int = 8
     seed: int = 0
     bf16: bool = False            # autocast on CUDA only
     channels_last: bool = False   # NHWC activations: faster convolutions on tensor cores
@@ -203,8 +224,11 @@ class TrainConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise RetrievalError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        if self.mask not in ("per-batch", "per-sample"):
-            raise RetrievalError(f"unknown mask mode {self.mask!r}; choose per-batch or per-sample")
+        if self.mask not in MASK_MODES:
+            raise RetrievalError(f"unknown mask mode {self.mask!r}; choose one of {', '.join(MASK_MODES)}")
+        if self.mask == "per-group" and not 1 <= self.mask_groups <= self.batch_size:
+            raise RetrievalError(f"--mask-groups must be between 1 and the batch size ({self.batch_size}), "
+                                 f"got {self.mask_groups}")
         if not self.critic_lr_scale > 0:
             raise RetrievalError(f"--critic-lr-scale must be > 0, got {self.critic_lr_scale}")
         if not self.minutes >= 0:

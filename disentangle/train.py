@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
-from . import checkpoint, figures
+from . import checkpoint, figures, grouping
 from .config import ModelConfig, TrainConfig
 from .data.base import ArrayDataset
 from .errors import RetrievalError
@@ -81,10 +81,20 @@ def _in_memory_pixels(ds: Dataset) -> np.ndarray | None:
     return None
 
 
+def sample_mask(tc: TrainConfig, n_chunks: int, generator: torch.Generator) -> torch.Tensor:
+    """m ∈ {0,1}^n uniformly: one per batch (n_chunks,), one per pair (B, n_chunks), or per group
+    (B, n_chunks) whose rows repeat in runs of about B / mask_groups pairs."""
+    if tc.mask == "per-batch":
+        return torch.randint(0, 2, (n_chunks,), generator=generator).bool()
+    if tc.mask == "per-sample":
+        return torch.randint(0, 2, (tc.batch_size, n_chunks), generator=generator).bool()
+    masks = torch.randint(0, 2, (tc.mask_groups, n_chunks), generator=generator).bool()
+    return masks[torch.arange(tc.batch_size) * tc.mask_groups // tc.batch_size]
+
+
 def draw_mask(tc: TrainConfig, n_chunks: int, rank: int, step: int) -> torch.Tensor:
-    """m ∈ {0,1}^n uniformly: one per batch (n_chunks,) or one per pair (B, n_chunks)."""
-    shape = (n_chunks,) if tc.mask == "per-batch" else (tc.batch_size, n_chunks)
-    return torch.randint(0, 2, shape, generator=step_generator(tc.seed, rank, step, 1)).bool()
+    """The mask of one step on one rank, reproducible from (seed, rank, step)."""
+    return sample_mask(tc, n_chunks, step_generator(tc.seed, rank, step, 1))
 
 
 def _distributed(device: str) -> tuple[int, int, torch.device]:
@@ -115,7 +125,7 @@ def _time_up(tc: TrainConfig, seconds: float, world: int, device: torch.device) 
     return bool(up.item())
 
 
-def _training_subset(ds: Dataset) -> Dataset:
+def training_subset(ds: Dataset) -> Dataset:
     """Train on the 'train' split when the data has one, else on everything."""
     records = getattr(ds, "records", None)
     if records and any(r.split == "train" for r in records):
@@ -176,7 +186,7 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
     if ckpt is not None:
         trainer.load_state_dict(ckpt)
 
-    train_set = _training_subset(dataset)
+    train_set = training_subset(dataset)
     if len(train_set) < 2:
         raise RetrievalError("training needs at least 2 images")
     shown = min(FIGURE_IMAGES, len(train_set) // 2)  # bases and donors per transfer panel
@@ -216,7 +226,7 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
     bar = tqdm(total=None if tc.minutes else tc.steps, initial=start, disable=not (progress and is_main), unit="step",
                dynamic_ncols=True)
     t_last = time.perf_counter()
-    last_step = start
+    last_step = done = start
     try:
         for step, batch in enumerate(loader, start=start):
             x1, x2 = batch.to(dev, non_blocking=True).chunk(2)
@@ -261,4 +271,9 @@ def train(dataset: Dataset, cfg: ModelConfig, tc: TrainConfig, out: str | Path, 
         bar.close()
         if metrics:
             metrics.close()
+    # the search layout follows the weights: found again whenever they changed
+    if is_main and cfg.group_ratio > 0 and (done > start or not (ckpt or {}).get("chunk_groups")):
+        saved = checkpoint.load(ckpt_path)
+        saved["chunk_groups"] = grouping.groups_on(trainer.ae, train_set, cfg.group_ratio, tc.seed)
+        checkpoint.save_atomic(saved, ckpt_path)
     return trainer.ae

@@ -73,8 +73,11 @@ def _serving_model(ckpt: dict) -> dict:
     """The checkpoint without optimisers, discriminator and classifier: what search needs."""
     tc = dict(ckpt["train_config"], losses=[x for x in ckpt["train_config"]["losses"] if x != "c"])
     ae = {k: v for k, v in ckpt["models"]["autoencoder"].items() if not k.startswith("classifier.")}
-    return {"format": ckpt["format"], "step": ckpt["step"], "model_config": ckpt["model_config"],
-            "train_config": tc, "models": {"autoencoder": ae, "discriminator": None}}
+    served = {"format": ckpt["format"], "step": ckpt["step"], "model_config": ckpt["model_config"],
+              "train_config": tc, "models": {"autoencoder": ae, "discriminator": None}}
+    if ckpt.get("chunk_groups"):  # the layout the stored features have (disentangle/grouping.py)
+        served["chunk_groups"] = ckpt["chunk_groups"]
+    return served
 
 
 def _prepare_folder(out: Path, sha: str, data_id: str, rebuild: bool) -> dict | None:

@@ -115,12 +115,17 @@ def _open_data(data: str, size: int, fmt: str | None, skip_bad: bool, split: str
 @click.option("--lr", type=float, help="Adam's learning rate (default: the preset's recipe, else 2e-4).")
 @click.option("--critic-lr-scale", type=float, default=1.0, show_default=True,
               help="The critic's learning rate as a multiple of --lr.")
+@click.option("--group-ratio", type=float,
+              help="After training, search chunks whose dependence is at least this multiple of the median "
+                   "as one chunk; 0 turns it off (default: the preset's).")
 @click.option("--workers", type=int, default=None, help="Data loader processes (default: 2 for files on disk).")
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True)
 @click.option("--figure-every", type=int, default=1000, show_default=True)
 def train(data, preset, out, steps, batch_size, device, variant, mask, resume, fmt, skip_bad, bf16,
-          channels_last, minutes, seed, lr, critic_lr_scale, workers, checkpoint_every, figure_every):
+          channels_last, minutes, seed, lr, critic_lr_scale, group_ratio, workers, checkpoint_every, figure_every):
     """Train the mixing autoencoder on DATA (a folder, or shapes[:N])."""
+    from dataclasses import replace
+
     from disentangle import checkpoint
     from disentangle.config import CPU_STAND_IN, GPU_PRESETS, RECIPES, TrainConfig, preset as get_preset
     from disentangle.data import detect_format
@@ -132,6 +137,8 @@ def train(data, preset, out, steps, batch_size, device, variant, mask, resume, f
         fmt = "shapes" if data.split(":")[0] == "shapes" else detect_format(data)
     on_gpu = _on_gpu(device)
     cfg = get_preset(preset or _default_preset(fmt, on_gpu))
+    if group_ratio is not None:
+        cfg = replace(cfg, group_ratio=group_ratio)
     # the recipe's time budget stands in for a step count: explicit --steps alone drops it
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "mask": mask,
              "minutes": 0.0 if steps is not None and minutes is None else minutes}
@@ -153,6 +160,43 @@ def train(data, preset, out, steps, batch_size, device, variant, mask, resume, f
     run_training(ds, cfg, tc, out, device=device, resume=resume, workers=workers, progress=True,
                  data_info={"spec": str(data), "format": fmt, **_rendering(fmt)})
     click.echo(f"checkpoint: {Path(out) / 'checkpoint.pt'}")
+
+
+@main.command()
+@click.argument("checkpoint_path", metavar="CHECKPOINT", type=click.Path(dir_okay=False))
+@click.argument("data")
+@click.option("--ratio", type=float, help="Join chunks whose dependence is at least this multiple of the "
+                                          "median between any two (default: the preset's, else 2.5); 0 "
+                                          "removes the groups.")
+@click.option("--format", "fmt", help="Dataset format, when detection is not wanted.")
+def group(checkpoint_path, data, ratio, fmt):
+    """Find which chunks of a trained CHECKPOINT depend on each other on DATA's training images, and
+    write them into it: index and search then read each group as one chunk."""
+    from disentangle import checkpoint, grouping
+    from disentangle.config import ModelConfig
+    from disentangle.model import MixingAutoencoder
+    from disentangle.train import training_subset
+
+    ckpt = checkpoint.load(checkpoint_path)
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    ratio = (cfg.group_ratio or 2.5) if ratio is None else ratio
+    if ratio < 0:
+        raise RetrievalError(f"--ratio {ratio}: give a ratio > 0, or 0 to remove the groups")
+    ckpt["model_config"] = {**ckpt["model_config"], "group_ratio": ratio}
+    if ratio == 0:
+        ckpt.pop("chunk_groups", None)
+        checkpoint.save_atomic(ckpt, checkpoint_path)
+        click.echo(f"{checkpoint_path}: groups removed; each of the {cfg.n_chunks} chunks is searched alone")
+        return
+    model = MixingAutoencoder(cfg, tuple(ckpt["train_config"]["losses"]))
+    model.load_state_dict(ckpt["models"]["autoencoder"])
+    ds = _open_data(data, cfg.image_size, fmt, skip_bad=True)
+    ckpt["chunk_groups"] = grouping.groups_on(model, training_subset(ds), ratio, ckpt["train_config"]["seed"])
+    checkpoint.save_atomic(ckpt, checkpoint_path)
+    joined = [g for g in ckpt["chunk_groups"] if len(g) > 1]
+    click.echo(f"{checkpoint_path}: {cfg.n_chunks} learned chunks, {len(ckpt['chunk_groups'])} search chunks; "
+               f"searched together: {', '.join('+'.join(map(str, g)) for g in joined) or 'none'}")
+    click.echo("an index built from it before this is stale: rebuild it with `retrieval index ... --rebuild`")
 
 
 @main.command()

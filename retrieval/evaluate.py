@@ -333,6 +333,9 @@ def evaluate_index(idx: Index, split: str | None = None, *, whole: bool | None =
         "index": str(idx.path), "split": split, "images": int(rows.sum()), "variant": variant,
         "whole_feature": whole, "n_chunks": n_chunks, "sampled_queries": queries,
         "chunk_names": {} if whole else {c: n for c, n in idx.chunk_names().items() if n},
+        # search chunks that join several learned ones (disentangle/grouping.py): which they join
+        "chunk_groups": {} if whole else {c: g for c, g in enumerate(
+            checkpoint.load(idx.path / MODEL).get("chunk_groups") or []) if len(g) > 1},
         "attributes": list(table), "excluded": sorted(set(exclude) | set(dropped)),
         "table2": table, "best": {a: {"chunk": c, "map": table[a]["map"][c]} for a, c in best.items()},
         "average": {"best": float(np.mean([table[a]["map"][c] for a, c in best.items()])),

@@ -205,7 +205,12 @@ class Index:
     def model(self):
         """The encoder/decoder the index was built with (loaded on first use)."""
         if self._model is None:
-            self._model, self.model_config, _ = checkpoint.load_model(self.path / MODEL)
+            model, cfg, _ = checkpoint.load_model(self.path / MODEL)
+            if (cfg.n_chunks, cfg.chunk_dim) != (self.n_chunks, self.chunk_dim):
+                raise RetrievalError(f"{self.path / MODEL} encodes {cfg.n_chunks} chunks x {cfg.chunk_dim}, but the "
+                                     f"index stores {self.n_chunks} x {self.chunk_dim}; rebuild it with "
+                                     "`retrieval index ... --rebuild`")
+            self._model, self.model_config = model, cfg
         return self._model
 
     def query_for(self, ref: str | int) -> Query:

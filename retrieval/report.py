@@ -34,7 +34,10 @@ def _chunk_label(report: dict, c: int) -> str:
     if report["whole_feature"]:
         return "all (one chunk)"
     name = report["chunk_names"].get(c, report["chunk_names"].get(str(c)))
-    return f"chunk {c} ({name})" if name else f"chunk {c}"
+    joined = report.get("chunk_groups", {})
+    members = joined.get(c, joined.get(str(c)))          # JSON keys are strings
+    label = f"chunk {c} = {'+'.join(map(str, members))}" if members else f"chunk {c}"
+    return f"{label} ({name})" if name else label
 
 
 def table2_markdown(report: dict) -> str:

@@ -17,7 +17,7 @@ from disentangle import checkpoint
 from disentangle.config import PRESETS, TrainConfig
 from disentangle.errors import RetrievalError
 from disentangle.data.base import ArrayDataset, Record
-from disentangle.train import MemoryPairs, PairBatches, train
+from disentangle.train import MemoryPairs, PairBatches, sample_mask, train
 
 TINY = PRESETS["tiny"]
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,8 @@ def _assert_same(a, b, where="state"):
 
 
 @pytest.mark.parametrize("variant,mask,critic_lr_scale",
-                         [("mix+c+g", "per-sample", 4.0), ("ae+c+g", "per-batch", 1.0)])
+                         [("mix+c+g", "per-sample", 4.0), ("ae+c+g", "per-batch", 1.0),
+                          ("mix+c+g", "per-group", 1.0)])
 def test_resume_equals_an_uninterrupted_run(tmp_path, variant, mask, critic_lr_scale):
     whole, split = tmp_path / "whole", tmp_path / "split"
     cfg = _config(variant=variant, mask=mask, critic_lr_scale=critic_lr_scale)
@@ -267,3 +268,25 @@ def test_ddp_with_two_gloo_processes_keeps_ranks_in_step(tmp_path):
     assert ckpt["world_size"] == 2 and ckpt["step"] == 4
     saved = dict(checkpoint.load_model(tmp_path / "run" / "checkpoint.pt")[0].named_parameters())
     _assert_same({k: v.detach() for k, v in saved.items()}, w0)
+
+
+@pytest.mark.parametrize("batch,groups", [(8, 4), (10, 4), (64, 8), (6, 6), (5, 1)])
+def test_group_masks_share_one_row_per_run_of_pairs(batch, groups):
+    tc = TrainConfig(mask="per-group", mask_groups=groups, batch_size=batch)
+    masks = torch.stack([sample_mask(tc, 6, torch.Generator().manual_seed(s)) for s in range(200)])
+    assert masks.shape == (200, batch, 6)
+    owner = [p * groups // batch for p in range(batch)]        # which group each pair falls in
+    assert sorted(set(owner)) == list(range(groups))            # every group holds a pair
+    for p in range(batch):
+        for q in range(batch):
+            same = torch.equal(masks[:, p], masks[:, q])
+            assert same == (owner[p] == owner[q]), (p, q)       # 200 draws: distinct groups differ
+    assert abs(masks.float().mean().item() - 0.5) < 0.03       # each chunk from x1 half the time
+
+
+def test_group_masks_need_between_one_and_batch_groups():
+    for groups in (0, 9):
+        with pytest.raises(RetrievalError, match="--mask-groups"):
+            TrainConfig(mask="per-group", mask_groups=groups, batch_size=8)
+    with pytest.raises(RetrievalError, match="per-group"):
+        TrainConfig(mask="per-pixel")
