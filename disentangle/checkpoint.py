@@ -57,16 +57,16 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> dict:
     return ckpt
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"
+def load_model(path: str | Path, device: str | torch.device = "cpu", grouped: bool = True
                ) -> tuple[MixingAutoencoder, ModelConfig, dict]:
     """Rebuild the encoder/decoder from a checkpoint alone, in eval mode on `device`; when the
     checkpoint names groups of dependent chunks (disentangle/grouping.py), the model and config
-    are the grouped ones, one chunk per group, as search reads them."""
+    are the grouped ones, one chunk per group, as search reads them (grouped=False: the learned ones)."""
     ckpt = load(path, device)
     cfg = ModelConfig.from_dict(ckpt["model_config"])
     model = MixingAutoencoder(cfg, tuple(ckpt["train_config"]["losses"]))
     model.load_state_dict(ckpt["models"]["autoencoder"])
     groups = ckpt.get("chunk_groups")
-    if groups and any(len(g) > 1 for g in groups):
+    if grouped and groups and any(len(g) > 1 for g in groups):
         model, cfg = regroup(model, cfg, [list(g) for g in groups])
     return model.to(device).eval(), cfg, ckpt

@@ -173,12 +173,9 @@ def group(checkpoint_path, data, ratio, fmt):
     """Find which chunks of a trained CHECKPOINT depend on each other on DATA's training images, and
     write them into it: index and search then read each group as one chunk."""
     from disentangle import checkpoint, grouping
-    from disentangle.config import ModelConfig
-    from disentangle.model import MixingAutoencoder
     from disentangle.train import training_subset
 
-    ckpt = checkpoint.load(checkpoint_path)
-    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    model, cfg, ckpt = checkpoint.load_model(checkpoint_path, grouped=False)
     ratio = (cfg.group_ratio or 2.5) if ratio is None else ratio
     if ratio < 0:
         raise RetrievalError(f"--ratio {ratio}: give a ratio > 0, or 0 to remove the groups")
@@ -188,8 +185,6 @@ def group(checkpoint_path, data, ratio, fmt):
         checkpoint.save_atomic(ckpt, checkpoint_path)
         click.echo(f"{checkpoint_path}: groups removed; each of the {cfg.n_chunks} chunks is searched alone")
         return
-    model = MixingAutoencoder(cfg, tuple(ckpt["train_config"]["losses"]))
-    model.load_state_dict(ckpt["models"]["autoencoder"])
     ds = _open_data(data, cfg.image_size, fmt, skip_bad=True)
     ckpt["chunk_groups"] = grouping.groups_on(model, training_subset(ds), ratio, ckpt["train_config"]["seed"])
     checkpoint.save_atomic(ckpt, checkpoint_path)
