@@ -7,6 +7,8 @@ Grammar, one token per layer, joined by '-':
   p                   max pooling, kernel 3, stride 2
   r({h},{w},{c})      reshape to h x w with c channels
   u                   nearest upsampling by 2
+  b{n}                spatial broadcast (Watters et al. 2019): tile a vector over an n x n map and
+                      append two coordinate channels in [-1, 1]
 Sizes are never computed by hand: `build` runs a dummy tensor through each layer as it is added.
 """
 from __future__ import annotations
@@ -54,10 +56,16 @@ class Upsample:
     pass
 
 
-Spec = Conv | Deconv | Dense | Pool | Reshape | Upsample
+@dataclass(frozen=True)
+class Broadcast:
+    size: int
+
+
+Spec = Conv | Deconv | Dense | Pool | Reshape | Upsample | Broadcast
 
 _CONV = re.compile(r"([cd])([1-9]\d*)(?:k([1-9]\d*))?(?:s([1-9]\d*))?")
 _DENSE = re.compile(r"f([1-9]\d*)?")
+_BROADCAST = re.compile(r"b([1-9]\d*)")
 _RESHAPE = re.compile(r"r\(([1-9]\d*),([1-9]\d*),([1-9]\d*)\)")
 
 
@@ -74,6 +82,8 @@ def parse(text: str) -> tuple[Spec, ...]:
             specs.append(Dense(int(m[1]) if m[1] else None))
         elif m := _RESHAPE.fullmatch(token):
             specs.append(Reshape(int(m[1]), int(m[2]), int(m[3])))
+        elif m := _BROADCAST.fullmatch(token):
+            specs.append(Broadcast(int(m[1])))
         elif token == "p":
             specs.append(Pool())
         elif token == "u":
@@ -93,6 +103,8 @@ def _format_one(spec: Spec) -> str:
         return "f" if spec.units is None else f"f{spec.units}"
     if isinstance(spec, Reshape):
         return f"r({spec.height},{spec.width},{spec.channels})"
+    if isinstance(spec, Broadcast):
+        return f"b{spec.size}"
     return "p" if isinstance(spec, Pool) else "u"
 
 
@@ -123,6 +135,23 @@ def _activation(kind: str) -> nn.Module:
     raise ValueError(f"unknown activation {kind!r}")
 
 
+class SpatialBroadcast(nn.Module):
+    """(B, C) -> (B, C + 2, n, n): the vector at every position, then the column and row
+    coordinates. A position factor can then be one number the following convolutions compare
+    with the coordinates, instead of a pattern the decoder must learn to draw at every place."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        axis = torch.linspace(-1.0, 1.0, size)
+        rows, cols = torch.meshgrid(axis, axis, indexing="ij")
+        self.register_buffer("coords", torch.stack([cols, rows])[None], persistent=False)
+        self.size = size
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        tiled = f.flatten(1)[:, :, None, None].expand(-1, -1, self.size, self.size)
+        return torch.cat([tiled, self.coords.expand(f.shape[0], -1, -1, -1)], 1)
+
+
 def _layer(spec: Spec, x: torch.Tensor, out_units: int) -> nn.Module:
     """The bare layer for one spec, sized from the tensor that reaches it."""
     if isinstance(spec, Conv):
@@ -137,6 +166,10 @@ def _layer(spec: Spec, x: torch.Tensor, out_units: int) -> nn.Module:
         return nn.Sequential(nn.Flatten(), linear) if x.dim() > 2 else linear
     if isinstance(spec, Pool):
         return nn.MaxPool2d(3, 2, padding=1)
+    if isinstance(spec, Broadcast):
+        if x.dim() != 2:
+            raise ValueError(f"b{spec.size} broadcasts a vector, not a {tuple(x.shape[1:])} map")
+        return SpatialBroadcast(spec.size)
     if isinstance(spec, Reshape):
         return nn.Unflatten(1, (spec.channels, spec.height, spec.width))
     return nn.Upsample(scale_factor=2, mode="nearest")

@@ -25,6 +25,7 @@ from scipy.spatial.distance import squareform
 from torch import nn
 from torch.utils.data import Dataset
 
+from .architecture import SpatialBroadcast
 from .config import ModelConfig
 from .errors import RetrievalError
 from .model import MixingAutoencoder
@@ -127,9 +128,11 @@ def regroup(model, cfg: ModelConfig, groups: list[list[int]]):
         raise RetrievalError(f"chunk groups {groups} must hold each of the {cfg.n_chunks} chunks once")
     new_cfg = grouped_config(cfg, groups)
     last, first = _parametric(model.encoder.net)[-1], _parametric(model.decoder.net)[0]
-    if not isinstance(last, nn.Linear) or not isinstance(first, (nn.Linear, nn.ConvTranspose2d)):
+    # a broadcast decoder's first convolution reads the feature's channels, then two coordinates
+    broadcast = isinstance(model.decoder.net[0], SpatialBroadcast) and isinstance(first, nn.Conv2d)
+    if not isinstance(last, nn.Linear) or not (broadcast or isinstance(first, (nn.Linear, nn.ConvTranspose2d))):
         raise RetrievalError(f"{cfg.name}: grouping chunks needs an encoder that ends and a decoder that "
-                             "starts with a fully connected layer (or a 1x1 deconvolution)")
+                             "starts with a fully connected layer (or a 1x1 deconvolution, or a broadcast)")
     place = _layout(cfg, groups)
     grouped = MixingAutoencoder(new_cfg, tuple(sorted(model.losses - {"c"})))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
@@ -145,6 +148,11 @@ def regroup(model, cfg: ModelConfig, groups: list[list[int]]):
     if isinstance(first, nn.Linear):                                  # (out, in)
         dec_w = first.weight.new_zeros((first.weight.shape[0], size))
         dec_w[:, place] = first.weight.detach()
+    elif broadcast:                                                   # (out, in + 2, kH, kW)
+        w, learned = first.weight.detach(), cfg.feature_dim
+        dec_w = w.new_zeros((w.shape[0], size + 2, *w.shape[2:]))
+        dec_w[:, place] = w[:, :learned]
+        dec_w[:, size:] = w[:, learned:]
     else:                                                             # (in, out, kH, kW)
         dec_w = first.weight.new_zeros((size, *first.weight.shape[1:]))
         dec_w[place] = first.weight.detach()

@@ -18,13 +18,39 @@ def test_parse_format_round_trip(text):
 
 
 def test_parse_reads_each_field():
-    assert arch.parse("c64k3s2-d3k2s2-c512-f4096-f-p-u-r(8,8,64)") == (
+    assert arch.parse("c64k3s2-d3k2s2-c512-f4096-f-p-u-r(8,8,64)-b8") == (
         arch.Conv(64, 3, 2), arch.Deconv(3, 2, 2), arch.Conv(512, 1, 1), arch.Dense(4096),
-        arch.Dense(None), arch.Pool(), arch.Upsample(), arch.Reshape(8, 8, 64))
+        arch.Dense(None), arch.Pool(), arch.Upsample(), arch.Reshape(8, 8, 64), arch.Broadcast(8))
+    assert arch.format(arch.parse("b8-c64-d3k2s2")) == "b8-c64-d3k2s2"
+
+
+def test_broadcast_tiles_the_vector_and_appends_coordinates():
+    layer = arch.SpatialBroadcast(5)
+    f = torch.randn(3, 7)
+    out = layer(f)
+    assert out.shape == (3, 9, 5, 5)
+    for i in range(5):          # row
+        for j in range(5):      # column
+            assert torch.equal(out[:, :7, i, j], f)
+            assert out[0, 7, i, j].item() == pytest.approx(-1 + 2 * j / 4)  # column coordinate
+            assert out[2, 8, i, j].item() == pytest.approx(-1 + 2 * i / 4)  # row coordinate
+
+
+def test_broadcast_decoder_reads_the_chunks():
+    from dataclasses import replace
+    cfg = replace(PRESETS["shapes"], decoder="b8-c64-c64k3-d32k4s2-d3k2s2")
+    dec = Decoder(cfg)
+    assert dec(torch.randn(2, cfg.n_chunks, cfg.chunk_dim)).shape == (2, 3, 32, 32)
+
+
+def test_broadcast_of_a_map_is_an_error():
+    with pytest.raises(ValueError, match="broadcasts a vector"):
+        arch.build(arch.parse("c8-b4-c3"), (3, 4, 4), 3, norm="none", activation="relu",
+                   final_activation="none")
 
 
 @pytest.mark.parametrize("bad", ["c64k3s2-x3", "c64K3", "c64k3s2s2", "c0", "f0", "r(8,8)", "c64-",
-                                 "", "c64 k3", "pp", "c64k03"])
+                                 "", "c64 k3", "pp", "c64k03", "b0", "b", "b4x"])
 def test_parse_rejects_bad_tokens(bad):
     with pytest.raises(ValueError) as e:
         arch.parse(bad)

@@ -68,13 +68,17 @@ def test_a_high_ratio_keeps_every_chunk_alone():
     assert grouping.find_groups(grouping.dependence(_planted()), ratio=1e6) == [[c] for c in range(8)]
 
 
+# a decoder that opens with a spatial broadcast: its first convolution also reads two coordinates
+BROADCAST = replace(PRESETS["tiny"], name="tiny-broadcast", decoder="b4-c8k3-d8k4s2-d3k2s2")
+
+
 def _random_model(preset: str, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = PRESETS[preset]
+    cfg = BROADCAST if preset == BROADCAST.name else PRESETS[preset]
     return MixingAutoencoder(cfg).eval(), cfg
 
 
-@pytest.mark.parametrize("preset", ["tiny", "sprites-cpu"])
+@pytest.mark.parametrize("preset", ["tiny", "sprites-cpu", BROADCAST.name])
 def test_regrouped_networks_compute_the_same_images(preset):
     model, cfg = _random_model(preset)
     n = cfg.n_chunks
@@ -89,7 +93,8 @@ def test_regrouped_networks_compute_the_same_images(preset):
             used = len(members) * cfg.chunk_dim
             torch.testing.assert_close(g[:, k, :used], f[:, members].flatten(1), rtol=0, atol=0)
             assert (g[:, k, used:] == 0).all()
-        torch.testing.assert_close(grouped.decode(g), model.decode(f), rtol=0, atol=1e-6)
+        # float32 sums in another order (a broadcast decoder's first convolution reads more zeros)
+        torch.testing.assert_close(grouped.decode(g), model.decode(f), rtol=0, atol=1e-5)
         # swapping a search chunk swaps its whole group of learned chunks
         other_f, other_g = f.roll(1, 0), g.roll(1, 0)
         learned = torch.zeros(n, dtype=torch.bool)
@@ -97,7 +102,7 @@ def test_regrouped_networks_compute_the_same_images(preset):
         searched = torch.zeros(len(groups), dtype=torch.bool)
         searched[0] = True
         torch.testing.assert_close(grouped.decode(mix(g, other_g, searched)),
-                                   model.decode(mix(f, other_f, learned)), rtol=0, atol=1e-6)
+                                   model.decode(mix(f, other_f, learned)), rtol=0, atol=1e-5)
 
 
 def test_groups_must_cover_each_chunk_once():
