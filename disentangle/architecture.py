@@ -9,6 +9,7 @@ Grammar, one token per layer, joined by '-':
   u                   nearest upsampling by 2
   b{n}                spatial broadcast (Watters et al. 2019): tile a vector over an n x n map and
                       append two coordinate channels in [-1, 1]
+  xy                  append the two coordinate channels to a map (CoordConv, Liu et al. 2018)
 Sizes are never computed by hand: `build` runs a dummy tensor through each layer as it is added.
 """
 from __future__ import annotations
@@ -61,7 +62,12 @@ class Broadcast:
     size: int
 
 
-Spec = Conv | Deconv | Dense | Pool | Reshape | Upsample | Broadcast
+@dataclass(frozen=True)
+class Coords:
+    pass
+
+
+Spec = Conv | Deconv | Dense | Pool | Reshape | Upsample | Broadcast | Coords
 
 _CONV = re.compile(r"([cd])([1-9]\d*)(?:k([1-9]\d*))?(?:s([1-9]\d*))?")
 _DENSE = re.compile(r"f([1-9]\d*)?")
@@ -84,6 +90,8 @@ def parse(text: str) -> tuple[Spec, ...]:
             specs.append(Reshape(int(m[1]), int(m[2]), int(m[3])))
         elif m := _BROADCAST.fullmatch(token):
             specs.append(Broadcast(int(m[1])))
+        elif token == "xy":
+            specs.append(Coords())
         elif token == "p":
             specs.append(Pool())
         elif token == "u":
@@ -105,6 +113,8 @@ def _format_one(spec: Spec) -> str:
         return f"r({spec.height},{spec.width},{spec.channels})"
     if isinstance(spec, Broadcast):
         return f"b{spec.size}"
+    if isinstance(spec, Coords):
+        return "xy"
     return "p" if isinstance(spec, Pool) else "u"
 
 
@@ -135,6 +145,25 @@ def _activation(kind: str) -> nn.Module:
     raise ValueError(f"unknown activation {kind!r}")
 
 
+def _coordinates(height: int, width: int) -> torch.Tensor:
+    """(1, 2, height, width): the column then the row coordinate, each from -1 to 1."""
+    rows, cols = torch.meshgrid(torch.linspace(-1.0, 1.0, height), torch.linspace(-1.0, 1.0, width),
+                                indexing="ij")
+    return torch.stack([cols, rows])[None]
+
+
+class AppendCoordinates(nn.Module):
+    """(B, C, H, W) -> (B, C + 2, H, W): the map, then its column and row coordinates, so the
+    convolutions that follow can tell where they are (a plain convolution cannot)."""
+
+    def __init__(self, height: int, width: int):
+        super().__init__()
+        self.register_buffer("coords", _coordinates(height, width), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], 1)
+
+
 class SpatialBroadcast(nn.Module):
     """(B, C) -> (B, C + 2, n, n): the vector at every position, then the column and row
     coordinates. A position factor can then be one number the following convolutions compare
@@ -142,9 +171,7 @@ class SpatialBroadcast(nn.Module):
 
     def __init__(self, size: int):
         super().__init__()
-        axis = torch.linspace(-1.0, 1.0, size)
-        rows, cols = torch.meshgrid(axis, axis, indexing="ij")
-        self.register_buffer("coords", torch.stack([cols, rows])[None], persistent=False)
+        self.register_buffer("coords", _coordinates(size, size), persistent=False)
         self.size = size
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
@@ -170,6 +197,10 @@ def _layer(spec: Spec, x: torch.Tensor, out_units: int) -> nn.Module:
         if x.dim() != 2:
             raise ValueError(f"b{spec.size} broadcasts a vector, not a {tuple(x.shape[1:])} map")
         return SpatialBroadcast(spec.size)
+    if isinstance(spec, Coords):
+        if x.dim() != 4:
+            raise ValueError(f"xy appends coordinates to a map, not to a {tuple(x.shape[1:])} vector")
+        return AppendCoordinates(x.shape[2], x.shape[3])
     if isinstance(spec, Reshape):
         return nn.Unflatten(1, (spec.channels, spec.height, spec.width))
     return nn.Upsample(scale_factor=2, mode="nearest")

@@ -22,6 +22,8 @@ def test_parse_reads_each_field():
         arch.Conv(64, 3, 2), arch.Deconv(3, 2, 2), arch.Conv(512, 1, 1), arch.Dense(4096),
         arch.Dense(None), arch.Pool(), arch.Upsample(), arch.Reshape(8, 8, 64), arch.Broadcast(8))
     assert arch.format(arch.parse("b8-c64-d3k2s2")) == "b8-c64-d3k2s2"
+    assert arch.parse("xy-c16k3s2-f") == (arch.Coords(), arch.Conv(16, 3, 2), arch.Dense(None))
+    assert arch.format(arch.parse("xy-c16k3s2-f")) == "xy-c16k3s2-f"
 
 
 def test_broadcast_tiles_the_vector_and_appends_coordinates():
@@ -34,6 +36,21 @@ def test_broadcast_tiles_the_vector_and_appends_coordinates():
             assert torch.equal(out[:, :7, i, j], f)
             assert out[0, 7, i, j].item() == pytest.approx(-1 + 2 * j / 4)  # column coordinate
             assert out[2, 8, i, j].item() == pytest.approx(-1 + 2 * i / 4)  # row coordinate
+
+
+def test_coordinates_are_appended_to_a_map():
+    net, out = arch.build(arch.parse("xy-c4"), (3, 4, 6), 4, norm="none", activation="relu",
+                          final_activation="none")
+    x = torch.randn(2, 3, 4, 6)
+    appended = net[0](x)
+    assert out == (4, 4, 6) and appended.shape == (2, 5, 4, 6)
+    assert torch.equal(appended[:, :3], x)
+    for i in range(4):
+        for j in range(6):
+            assert appended[1, 3, i, j].item() == pytest.approx(-1 + 2 * j / 5)
+            assert appended[1, 4, i, j].item() == pytest.approx(-1 + 2 * i / 3)
+    with pytest.raises(ValueError, match="appends coordinates to a map"):
+        arch.build(arch.parse("f8-xy"), (3,), 3, norm="none", activation="relu", final_activation="none")
 
 
 def test_broadcast_decoder_reads_the_chunks():
@@ -50,7 +67,7 @@ def test_broadcast_of_a_map_is_an_error():
 
 
 @pytest.mark.parametrize("bad", ["c64k3s2-x3", "c64K3", "c64k3s2s2", "c0", "f0", "r(8,8)", "c64-",
-                                 "", "c64 k3", "pp", "c64k03", "b0", "b", "b4x"])
+                                 "", "c64 k3", "pp", "c64k03", "b0", "b", "b4x", "xy2", "yx"])
 def test_parse_rejects_bad_tokens(bad):
     with pytest.raises(ValueError) as e:
         arch.parse(bad)
