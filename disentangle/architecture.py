@@ -164,19 +164,17 @@ class AppendCoordinates(nn.Module):
         return torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], 1)
 
 
-class SpatialBroadcast(nn.Module):
+class SpatialBroadcast(AppendCoordinates):
     """(B, C) -> (B, C + 2, n, n): the vector at every position, then the column and row
     coordinates. A position factor can then be one number the following convolutions compare
     with the coordinates, instead of a pattern the decoder must learn to draw at every place."""
 
     def __init__(self, size: int):
-        super().__init__()
-        self.register_buffer("coords", _coordinates(size, size), persistent=False)
+        super().__init__(size, size)
         self.size = size
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        tiled = f.flatten(1)[:, :, None, None].expand(-1, -1, self.size, self.size)
-        return torch.cat([tiled, self.coords.expand(f.shape[0], -1, -1, -1)], 1)
+        return super().forward(f.flatten(1)[:, :, None, None].expand(-1, -1, self.size, self.size))
 
 
 def _layer(spec: Spec, x: torch.Tensor, out_units: int) -> nn.Module:

@@ -1,4 +1,6 @@
 """Table 1 strings: strict parsing, the format inverse, and every preset's sizes."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -54,7 +56,6 @@ def test_coordinates_are_appended_to_a_map():
 
 
 def test_broadcast_decoder_reads_the_chunks():
-    from dataclasses import replace
     cfg = replace(PRESETS["shapes"], decoder="b8-c64-c64k3-d32k4s2-d3k2s2")
     dec = Decoder(cfg)
     assert dec(torch.randn(2, cfg.n_chunks, cfg.chunk_dim)).shape == (2, 3, 32, 32)
