@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
                                generate_latest)
 
+CORE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # label values come from closed sets, or every invented method would be a series kept forever
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
@@ -24,6 +25,9 @@ class Metrics:
                                LABELS, registry=self.registry)
         self._seconds = Histogram("retrieval_http_request_duration_seconds", "Time to answer a request, by endpoint.",
                                   ("endpoint",), buckets=BUCKETS, registry=self.registry)
+        self._core_queries = Histogram("retrieval_search_core_queries", "Queries answered by one call of the search "
+                                       "core: concurrent searches with equal options share a call.",
+                                       buckets=CORE_BUCKETS, registry=self.registry)
         self._images = Gauge("retrieval_index_images", "Images in the served index.", registry=self.registry)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
@@ -46,6 +50,10 @@ class Metrics:
         if error is not None:
             error.inc()
         latency.observe(seconds)
+
+    def observe_search(self, queries: int) -> None:
+        """Count one call of the search core answering this many queries."""
+        self._core_queries.observe(queries)
 
     def render(self, images: int) -> bytes:
         """The exposition of every metric (serve it as prometheus_client.CONTENT_TYPE_LATEST)."""

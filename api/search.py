@@ -31,7 +31,7 @@ def by_image(args: dict):
     """Nearest images to an indexed image by the chosen chunks.
 
     The same result as `retrieval search --json`, with each image's URL."""
-    return jsonify(_answer(resources(), [args.pop("image")], args)[0])
+    return jsonify(_answer(resources(), [args.pop("image")], args, coalesce=True)[0])
 
 
 @bp.post("/search")
@@ -49,7 +49,7 @@ def by_upload(args: dict):
     pixels, name = fit_upload(r.index, args.pop("file"), cfg["MAX_IMAGE_PIXELS"], cfg["MAX_IMAGE_SIDE"])
     with r.model_lock:  # the encoder only: decoding above runs in parallel
         query = r.index.query_for_pixels(pixels, file=name)
-    return jsonify(_answer(r, [query], args)[0])
+    return jsonify(_answer(r, [query], args, coalesce=True)[0])
 
 
 @bp.post("/search/batch")
@@ -72,9 +72,7 @@ def batch():
     uploads = _uploads(r, queries)
     groups: dict[tuple, list[int]] = {}
     for pos, q in enumerate(queries):
-        where = tuple(sorted(q["where"].items(), key=str))
-        groups.setdefault((tuple(q["chunks"]), q["k"], q["offset"], q["weights"] and tuple(q["weights"]), where),
-                          []).append(pos)
+        groups.setdefault(_options_key(q), []).append(pos)
     results = [None] * len(queries)
     for positions in groups.values():
         options = {name: queries[positions[0]][name] for name in OPTIONS}
@@ -123,14 +121,20 @@ def _uploads(r: Resources, queries: list[dict]) -> dict[str, Query]:
         return dict(zip(first, r.index.queries_for_pixels(fitted)))
 
 
-def _answer(r: Resources, queries: list[Query], options: dict) -> list[dict]:
+def _options_key(options: dict) -> tuple:
+    """A hashable key equal exactly when two queries' search options are."""
+    where = tuple(sorted(options["where"].items(), key=str))
+    weights = options["weights"] and tuple(options["weights"])
+    return tuple(options["chunks"]), options["k"], options["offset"], weights, where
+
+
+def _answer(r: Resources, queries: list[Query], options: dict, coalesce: bool = False) -> list[dict]:
     """Search with queries sharing their options, and add each image's URL and the offset to the
-    core's results."""
-    if options["where"]:
-        with r.filter_lock:  # the index's cache of filter masks is a plain dict, evicted unlocked
-            results = r.index.search_many(queries, **options)
+    core's results. coalesce (one query): share a search-core call with concurrent requests."""
+    if coalesce:
+        results = [r.coalescer(queries[0], options, _options_key(options))]
     else:
-        results = r.index.search_many(queries, **options)
+        results = r.search(queries, options)
     images = url_for("images.image", ref=0).removesuffix("0")  # '/images/': url_for once, not per hit
     for query, result in zip(queries, results):
         if query.id is not None:
