@@ -191,7 +191,7 @@ def preset(name: str) -> ModelConfig:
         raise RetrievalError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
 
 
-MASK_MODES = ("per-batch", "per-sample", "per-group")
+MASK_MODES = ("per-batch", "per-sample", "per-group", "one-chunk")
 
 
 @dataclass(frozen=True)

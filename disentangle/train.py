@@ -83,11 +83,15 @@ def _in_memory_pixels(ds: Dataset) -> np.ndarray | None:
 
 def sample_mask(tc: TrainConfig, n_chunks: int, generator: torch.Generator) -> torch.Tensor:
     """m ∈ {0,1}^n uniformly: one per batch (n_chunks,), one per pair (B, n_chunks), or per group
-    (B, n_chunks) whose rows repeat in runs of about B / mask_groups pairs."""
+    (B, n_chunks) whose rows repeat in runs of about B / mask_groups pairs; "one-chunk" gives each
+    pair a row with exactly one False (the one chunk taken from x2)."""
     if tc.mask == "per-batch":
         return torch.randint(0, 2, (n_chunks,), generator=generator).bool()
     if tc.mask == "per-sample":
         return torch.randint(0, 2, (tc.batch_size, n_chunks), generator=generator).bool()
+    if tc.mask == "one-chunk":  # not in the paper: each pair takes exactly one chunk from x2
+        swapped = torch.randint(0, n_chunks, (tc.batch_size,), generator=generator)
+        return torch.arange(n_chunks)[None, :] != swapped[:, None]
     masks = torch.randint(0, 2, (tc.mask_groups, n_chunks), generator=generator).bool()
     return masks[torch.arange(tc.batch_size) * tc.mask_groups // tc.batch_size]
 

@@ -160,7 +160,7 @@ def _assert_same(a, b, where="state"):
 
 @pytest.mark.parametrize("variant,mask,critic_lr_scale",
                          [("mix+c+g", "per-sample", 4.0), ("ae+c+g", "per-batch", 1.0),
-                          ("mix+c+g", "per-group", 1.0)])
+                          ("mix+c+g", "per-group", 1.0), ("mix+c+g", "one-chunk", 1.0)])
 def test_resume_equals_an_uninterrupted_run(tmp_path, variant, mask, critic_lr_scale):
     whole, split = tmp_path / "whole", tmp_path / "split"
     cfg = _config(variant=variant, mask=mask, critic_lr_scale=critic_lr_scale)
@@ -282,6 +282,15 @@ def test_group_masks_share_one_row_per_run_of_pairs(batch, groups):
             same = torch.equal(masks[:, p], masks[:, q])
             assert same == (owner[p] == owner[q]), (p, q)       # 200 draws: distinct groups differ
     assert abs(masks.float().mean().item() - 0.5) < 0.03       # each chunk from x1 half the time
+
+
+def test_one_chunk_masks_swap_exactly_one_chunk_per_pair():
+    tc = TrainConfig(mask="one-chunk", batch_size=16)
+    masks = torch.stack([sample_mask(tc, 8, torch.Generator().manual_seed(s)) for s in range(200)])
+    assert masks.shape == (200, 16, 8) and masks.dtype == torch.bool
+    assert ((~masks).sum(-1) == 1).all()                        # one chunk from x2, the rest from x1
+    swapped = (~masks).float().mean((0, 1))                     # each chunk about 1/8 of the time
+    assert ((swapped - 1 / 8).abs() < 0.02).all(), swapped
 
 
 def test_group_masks_need_between_one_and_batch_groups():
