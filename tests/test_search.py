@@ -67,7 +67,7 @@ def cases(draw):
         weighted=draw(st.booleans()),
         k=draw(st.integers(1, 40)),
         offset=draw(st.integers(0, 6)),
-        n_queries=draw(st.integers(1, 3)),
+        n_queries=draw(st.integers(1, 17)),
         allowed=draw(st.sampled_from([None, "mask", "ids"])),
         allowed_fraction=draw(st.sampled_from([0.0, 0.05, 0.5, 1.0])),
         exclude=draw(st.sampled_from([None, "shared", "per-query"])),
