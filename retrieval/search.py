@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy.linalg.blas import sgemm as _sgemm
+from scipy.linalg.blas import sgemm as _sgemm, sgemv as _sgemv
 
 from disentangle.errors import RetrievalError
 
@@ -244,8 +244,11 @@ def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray
     np.copyto(acc, total[:, None])
     for c, wc in zip(sel, w):
         x = store._x[c] if rows is None else store._x[c][rows]
-        # acc.T is (Q, n) Fortran-ordered over acc's memory: sgemm writes it in place
-        _sgemm(1.0, (np.float32(-2.0 * wc) * q[:, c]).T, x.T, beta=1.0, c=acc.T, trans_a=1, overwrite_c=1)
+        qc = np.float32(-2.0 * wc) * q[:, c]  # (Q, d)
+        if len(q) == 1:  # a matrix-vector product, in place: sgemm would pack X for one row
+            _sgemv(1.0, x.T, qc[0], beta=1.0, y=acc[:, 0], trans=1, overwrite_y=1)
+        else:  # acc.T is (Q, n) Fortran-ordered over acc's memory: sgemm writes it in place
+            _sgemm(1.0, qc.T, x.T, beta=1.0, c=acc.T, trans_a=1, overwrite_c=1)
     if mask is not None:
         np.copyto(acc, np.inf, where=~mask[:, None])
     for i, p in enumerate(excl):
