@@ -15,10 +15,13 @@ from .server import listening, make_server
 log = logging.getLogger(__name__)
 
 
-def serve(index: str | Path, host: str = "127.0.0.1", port: int = 5000, threads: int = 4, *,
+def serve(index: str | Path, host: str = "127.0.0.1", port: int = 5000, threads: int = 8, *,
           connection_limit: int = 100, channel_timeout: int = 30, allowed_hosts: Sequence[str] = (),
           ray: str | None = None) -> None:
     """Open INDEX once and answer requests until SIGINT or SIGTERM; in-flight requests finish.
+
+    threads: requests served at once; more than the cores, so that concurrent searches wait in the
+    coalescer (api/coalesce.py) and share one pass over the index rather than queue in waitress.
 
     connection_limit bounds open connections (idle ones make room for new ones, api/server.py),
     channel_timeout closes a connection silent for that many seconds, allowed_hosts are the

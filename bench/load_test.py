@@ -9,7 +9,7 @@ the server has with one BLAS thread each, as the server runs them), then starts
 process: --clients threads, each with its own keep-alive connection, for --seconds per chunk
 set. Traffic goes to 127.0.0.1 only; every loop is bounded in time and count.
 
-    python bench/load_test.py [--n 200000] [--clients 16] [--threads 4] [--seconds 10]
+    python bench/load_test.py [--n 200000] [--clients 16] [--threads 8] [--seconds 10]
 """
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200_000, help="Images in the synthetic index.")
     ap.add_argument("--clients", type=int, default=16, help="Concurrent client connections.")
-    ap.add_argument("--threads", type=int, default=4, help="Server worker threads (retrieval serve --threads).")
+    ap.add_argument("--threads", type=int, default=8, help="Server worker threads (retrieval serve --threads).")
     ap.add_argument("--seconds", type=float, default=10, help="Measured seconds per chunk set.")
     ap.add_argument("--drive", metavar="URL", help=argparse.SUPPRESS)  # the client process
     ap.add_argument("--chunks", help=argparse.SUPPRESS)

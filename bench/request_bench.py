@@ -81,7 +81,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200_000, help="Images in the synthetic index.")
     ap.add_argument("--queries", type=int, default=300, help="Timed queries per chunk set.")
-    ap.add_argument("--threads", type=int, default=4, help="Server worker threads.")
+    ap.add_argument("--threads", type=int, default=8, help="Server worker threads.")
     args = ap.parse_args()
     print(f"load average at the start: {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
