@@ -270,6 +270,7 @@ BUDGET = {
     ".venv/bin/python bench/search_bench.py --n 200000 1000000 --repeats 5": "--n 2000 --repeats 1",
     ".venv/bin/python bench/request_bench.py": "--n 2000 --queries 3",
     ".venv/bin/python bench/load_test.py --seconds 8": "--n 2000 --seconds 0.2",
+    ".venv/bin/python bench/load_test.py --seconds 8 --threads 4": "--n 2000 --seconds 0.2",
     "python bench/load_test.py": "--n 2000 --seconds 0.2",
     ".venv/bin/python bench/train_throughput.py --repeats 5 --presets tiny,shapes,mnist,sprites,celeba-dcgan":
         "--repeats 1 --presets tiny",
