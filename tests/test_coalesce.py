@@ -49,17 +49,24 @@ def _queued(coalescer: Coalescer, key, n: int) -> None:
         time.sleep(0.001)
 
 
-def test_callers_that_arrive_during_a_search_share_the_next_call():
-    search = GatedSearch()
-    c = Coalescer(search)
+def _first_then_rest(c: Coalescer, search: GatedSearch, n: int) -> dict:
+    """Query 0 searches alone under key "a"; queries 1..n-1 arrive meanwhile; then the gate opens.
+    Returns each query's answer (or error) once every caller is back."""
     out: dict = {}
     first = _start(c, 0, "a", out)
     assert search.entered.wait(WAIT)
-    rest = [_start(c, q, "a", out) for q in range(1, 6)]
-    _queued(c, "a", 5)
+    rest = [_start(c, q, "a", out) for q in range(1, n)]
+    _queued(c, "a", n - 1)
     search.release.set()
     for t in [first, *rest]:
         t.join(WAIT)
+    return out
+
+
+def test_callers_that_arrive_during_a_search_share_the_next_call():
+    search = GatedSearch()
+    c = Coalescer(search)
+    out = _first_then_rest(c, search, 6)
     assert search.calls[0] == [0]
     assert sorted(search.calls[1]) == [1, 2, 3, 4, 5] and len(search.calls) == 2
     assert out == {q: (q, "a") for q in range(6)}  # each its own answer
@@ -83,14 +90,7 @@ def test_other_options_do_not_wait():
 def test_an_error_reaches_its_whole_batch_and_the_next_call_works():
     search = GatedSearch(fail=True)
     c = Coalescer(search)
-    out: dict = {}
-    first = _start(c, 0, "a", out)
-    assert search.entered.wait(WAIT)
-    rest = [_start(c, q, "a", out) for q in (1, 2)]
-    _queued(c, "a", 2)
-    search.release.set()
-    for t in [first, *rest]:
-        t.join(WAIT)
+    out = _first_then_rest(c, search, 3)
     assert all(isinstance(out[q], ValueError) and "bad options a" in str(out[q]) for q in range(3))
     search.fail = False
     assert c(7, {"tag": "a"}, "a") == (7, "a")
