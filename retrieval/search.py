@@ -2,7 +2,7 @@
 
 distance(x) = Σ_{c∈S} w_c ‖q_c − x_c‖² over the stored float32 features, ties broken by
 ascending id. Each chunk's vectors are stored contiguously, so a query reads only the chosen
-chunks: one BLAS sgemm per chunk, all queries at once, on the expansion w_c(‖x_c‖² − 2 x_c·q_c)
+chunks: one matrix product per chunk, all queries at once, on the expansion w_c(‖x_c‖² − 2 x_c·q_c)
 in float32, a cheap selection of the k-th score, then every item whose float32 score lies within a rigorous
 rounding-error bound of the k-th is re-ranked in float64 from its raw vectors, so results equal
 a float64 brute force. The torch backend runs the same steps with torch.matmul and torch.topk
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy.linalg.blas import sgemm as _sgemm, sgemv as _sgemv
 
 from disentangle.errors import RetrievalError
 
@@ -229,26 +228,25 @@ def _up(r: np.ndarray | float) -> np.ndarray:
 def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray]:
     """Per query, local indices including every float32 score within e of the kk-th smallest."""
     n = len(store) if rows is None else len(rows)
-    # Scores as (n, Q), started at Σ_c w_c‖x_c‖² and then accumulated by one BLAS sgemm per chunk
-    # (beta = 1: no pass of its own per chunk). This orientation streams the stored rows once for
-    # all queries, where numpy's q @ X.T makes OpenBLAS pack all of X first: 2 queries cost 4.5
-    # times one, 16 three times this at 200K x 64 (docs/benchmarks.md)
+    # Scores as (n, Q): X (n, d) @ q.T (d, Q) streams the stored rows once for all queries, where
+    # q @ X.T makes OpenBLAS pack all of X first (2 queries cost 4.5 times one, 16 three times
+    # this at 200K x 64; docs/benchmarks.md). numpy's matmul and adds release the GIL, so other
+    # request threads run meanwhile (scipy's BLAS wrappers, which could add in place, hold it).
     acc = _scratch("acc", (n, len(q)))
+    for j, (c, wc) in enumerate(zip(sel, w)):
+        x = store._x[c] if rows is None else store._x[c][rows]
+        out = acc if j == 0 else _scratch("part", acc.shape)
+        np.matmul(x, (np.float32(-2.0 * wc) * q[:, c]).T, out=out)  # (n, Q)
+        if j:
+            acc += out
     norms = [store._norms[c] if rows is None else store._norms[c][rows] for c in sel]
     if len(sel) == 1 and w[0] == 1:
         total = norms[0]
-    else:
+    else:  # Σ_c w_c‖x_c‖², added to the scores in one pass
         total = np.multiply(norms[0], np.float32(w[0]), out=_scratch("norm", (n,)))
         for nrm, wc in zip(norms[1:], w[1:]):
             total += nrm if wc == 1 else nrm * np.float32(wc)
-    np.copyto(acc, total[:, None])
-    for c, wc in zip(sel, w):
-        x = store._x[c] if rows is None else store._x[c][rows]
-        qc = np.float32(-2.0 * wc) * q[:, c]  # (Q, d)
-        if len(q) == 1:  # a matrix-vector product, in place: sgemm would pack X for one row
-            _sgemv(1.0, x.T, qc[0], beta=1.0, y=acc[:, 0], trans=1, overwrite_y=1)
-        else:  # acc.T is (Q, n) Fortran-ordered over acc's memory: sgemm writes it in place
-            _sgemm(1.0, qc.T, x.T, beta=1.0, c=acc.T, trans_a=1, overwrite_c=1)
+    acc += total[:, None]
     if mask is not None:
         np.copyto(acc, np.inf, where=~mask[:, None])
     for i, p in enumerate(excl):
