@@ -53,20 +53,36 @@ class Coalescer:
         with self._lock:
             batch = self._queued.pop(key)
         try:
-            results = self._search([w.query for w in batch], options)
-        except BaseException as e:  # the options' error (a filter on an unknown attribute) is everyone's
+            self._answer(batch, options)
+        finally:  # whatever happened, no waiter is left waiting and the key does not stay running
+            with self._lock:
+                waiting = self._queued.get(key)
+                if waiting:  # the first of them leads the next batch; the key stays running
+                    waiting[0].lead = True
+                    waiting[0].done.set()
+                else:
+                    self._running.discard(key)
             for w in batch:
-                w.error = e
-        else:
+                if w.result is None and w.error is None:  # the leader was interrupted
+                    w.error = RuntimeError("the search was interrupted; try again")
+                w.lead = False
+                w.done.set()
+
+    def _answer(self, batch: list[_Waiter], options: dict) -> None:
+        """Each waiter's result or error. When the shared search fails, each query is searched
+        alone: one bad query (an upload whose feature is not finite) fails its own request only,
+        and each caller raises an exception of its own."""
+        try:
+            results = self._search([w.query for w in batch], options)
             for w, result in zip(batch, results, strict=True):
                 w.result = result
-        with self._lock:
-            waiting = self._queued.get(key)
-            if waiting:  # the first of them leads the next batch; the key stays running
-                waiting[0].lead = True
-                waiting[0].done.set()
-            else:
-                self._running.discard(key)
+            return
+        except Exception as e:
+            if len(batch) == 1:
+                batch[0].error = e
+                return
         for w in batch:
-            w.lead = False
-            w.done.set()
+            try:
+                w.result = self._search([w.query], options)[0]
+            except Exception as e:
+                w.error = e

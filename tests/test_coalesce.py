@@ -15,10 +15,10 @@ WAIT = 10  # seconds any test waits for a thread at most
 class GatedSearch:
     """search(queries, options) -> [(query, options["tag"])...]; the first call blocks until released."""
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, bad: tuple = ()):
         self.calls: list[list] = []
         self.entered, self.release = threading.Event(), threading.Event()
-        self.fail = fail
+        self.fail, self.bad = fail, bad  # fail: every call (bad options); bad: calls holding these queries
 
     def __call__(self, queries: list, options: dict) -> list:
         self.calls.append(list(queries))
@@ -27,6 +27,8 @@ class GatedSearch:
             assert self.release.wait(WAIT)
         if self.fail:
             raise ValueError(f"bad options {options['tag']}")
+        if set(queries) & set(self.bad):
+            raise ValueError(f"bad query among {sorted(queries)}")
         return [(q, options["tag"]) for q in queries]
 
 
@@ -92,8 +94,27 @@ def test_an_error_reaches_its_whole_batch_and_the_next_call_works():
     c = Coalescer(search)
     out = _first_then_rest(c, search, 3)
     assert all(isinstance(out[q], ValueError) and "bad options a" in str(out[q]) for q in range(3))
+    assert len({id(out[q]) for q in range(3)}) == 3  # each caller raises its own exception
     search.fail = False
     assert c(7, {"tag": "a"}, "a") == (7, "a")
+    assert c._queued == {} and c._running == set()
+
+
+def test_a_bad_query_fails_only_its_own_caller():
+    search = GatedSearch(bad=(3,))
+    c = Coalescer(search)
+    out = _first_then_rest(c, search, 5)
+    assert isinstance(out[3], ValueError) and "bad query among [3]" in str(out[3])
+    assert {q: out[q] for q in (0, 1, 2, 4)} == {q: (q, "a") for q in (0, 1, 2, 4)}
+    assert sorted(search.calls[1]) == [1, 2, 3, 4]  # the shared call failed, then each alone
+    assert sorted(map(tuple, search.calls[2:])) == [(1,), (2,), (3,), (4,)]
+
+
+def test_a_search_that_returns_too_few_answers_frees_the_key():
+    c = Coalescer(lambda queries, options: [])
+    for _ in range(2):  # the second call would block forever if the first left the key running
+        with pytest.raises(ValueError):  # zip(strict=True): fewer answers than queries
+            c(0, {}, "k")
     assert c._queued == {} and c._running == set()
 
 
