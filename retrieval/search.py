@@ -2,7 +2,7 @@
 
 distance(x) = Σ_{c∈S} w_c ‖q_c − x_c‖² over the stored float32 features, ties broken by
 ascending id. Each chunk's vectors are stored contiguously, so a query reads only the chosen
-chunks: one matrix product per chunk, all queries at once, on the expansion w_c(‖x_c‖² − 2 x_c·q_c)
+chunks: one GEMM per chunk, all queries at once, on the expansion w_c(‖x_c‖² − 2 x_c·q_c)
 in float32, a cheap selection of the k-th score, then every item whose float32 score lies within a rigorous
 rounding-error bound of the k-th is re-ranked in float64 from its raw vectors, so results equal
 a float64 brute force. The torch backend runs the same steps with torch.matmul and torch.topk
@@ -25,6 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from disentangle.errors import RetrievalError
+
+from .blas import gemm_add
 
 _U = 2.0**-24  # float32 unit roundoff
 _TINY = 2.0**-126  # absolute error of one float32 op that underflows (flush-to-zero included)
@@ -230,23 +232,32 @@ def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray
     n = len(store) if rows is None else len(rows)
     # Scores as (n, Q): X (n, d) @ q.T (d, Q) streams the stored rows once for all queries, where
     # q @ X.T makes OpenBLAS pack all of X first (2 queries cost 4.5 times one, 16 three times
-    # this at 200K x 64; docs/benchmarks.md). numpy's matmul and adds release the GIL, so other
-    # request threads run meanwhile (scipy's BLAS wrappers, which could add in place, hold it).
+    # this at 200K x 64; docs/benchmarks.md). They start at Σ_c w_c‖x_c‖² and each chunk's GEMM
+    # adds into them in place (retrieval/blas.py, the GIL released); without that GEMM, numpy
+    # multiplies and adds, a pass over the scores per chunk more.
     acc = _scratch("acc", (n, len(q)))
-    for j, (c, wc) in enumerate(zip(sel, w)):
-        x = store._x[c] if rows is None else store._x[c][rows]
-        out = acc if j == 0 else _scratch("part", acc.shape)
-        np.matmul(x, (np.float32(-2.0 * wc) * q[:, c]).T, out=out)  # (n, Q)
-        if j:
-            acc += out
     norms = [store._norms[c] if rows is None else store._norms[c][rows] for c in sel]
     if len(sel) == 1 and w[0] == 1:
         total = norms[0]
-    else:  # Σ_c w_c‖x_c‖², added to the scores in one pass
+    else:
         total = np.multiply(norms[0], np.float32(w[0]), out=_scratch("norm", (n,)))
         for nrm, wc in zip(norms[1:], w[1:]):
             total += nrm if wc == 1 else nrm * np.float32(wc)
-    acc += total[:, None]
+    add_in_place = gemm_add is not None and len(q) > 1  # one query: numpy's GEMV, and n floats to add
+    if add_in_place:
+        np.copyto(acc, total[:, None])
+    for j, (c, wc) in enumerate(zip(sel, w)):
+        x = store._x[c] if rows is None else store._x[c][rows]
+        qc = np.float32(-2.0 * wc) * q[:, c]  # (Q, d)
+        if add_in_place:
+            gemm_add(x, qc, acc)
+            continue
+        out = acc if j == 0 else _scratch("part", acc.shape)
+        np.matmul(x, qc.T, out=out)
+        if j:
+            acc += out
+    if not add_in_place:
+        acc += total[:, None]
     if mask is not None:
         np.copyto(acc, np.inf, where=~mask[:, None])
     for i, p in enumerate(excl):

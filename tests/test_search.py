@@ -103,6 +103,24 @@ def test_equals_brute_force(backend, case):
                                        allowed, excluded))
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_the_numpy_path_equals_the_in_place_gemm(monkeypatch, in_place):
+    """Where numpy links no OpenBLAS of its own (retrieval/blas.py), the core multiplies and adds
+    with numpy: the same results."""
+    import retrieval.search as core
+
+    if not in_place:
+        monkeypatch.setattr(core, "gemm_add", None)
+    rng = np.random.default_rng(7)
+    feats, ids = make_data(rng, 2000, 4, 8, levels=4)
+    q = rng.standard_normal((6, 4, 8)).astype(np.float32)
+    q[:2] = feats[:2]
+    weights = [0.5, 2.0, 1.0]
+    result = search(store_of(feats, ids, "numpy"), q, [3, 0, 1], 12, weights=weights, offset=2)
+    assert_matches(result, brute_force(feats, ids, q, [3, 0, 1], weights, 12, 2, np.ones(len(ids), bool),
+                                       [[]] * len(q)))
+
+
 def near_copies(rng, n_bases):
     """Shuffled near-copies (100 each, 1e-3 apart) of vectors far from the origin, and 8 queries.
 
