@@ -13,7 +13,7 @@ retry = $(1) || { echo "pip failed; retrying once without its cache" >&2; $(1) -
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py retrieval/_scan.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(call retry,$(PY) -m pip install -q $(TORCH))
 	$(call retry,$(PY) -m pip install -q -e '.[dev]')
@@ -39,4 +39,4 @@ demo: venv
 	$(VENV)/bin/retrieval demo $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache retrieval/_scan*.so

@@ -1,8 +1,10 @@
 """Benchmark of the exact chunk-subset search (retrieval/search.py) on the CPU.
 
 For |S| = 1, 2, 8 chosen chunks and 1 or 16 queries per call it times, with the last-level
-cache flushed before every call (medians over repeats, methods interleaved):
-  ours     retrieval.search.search (exact: float32 GEMV/GEMM + float64 re-rank), also with a
+cache flushed before every call and the thread pools left to go idle (medians over repeats,
+methods interleaved):
+  ours     retrieval.search.search (exact: float32 GEMV for one query, the C scan of
+           retrieval/scan.py for 16 where it was built, else GEMM; float64 re-rank), also with a
            search on a 1,000-item store between flush and call ("code warm"): the flush
            evicts the interpreter's working set too, which a C call hardly notices;
   matmul   just the float32 matmuls of the chosen chunks (what the BLAS alone costs);
@@ -27,11 +29,16 @@ import time
 import faiss
 import numpy as np
 
+from retrieval import scan
 from retrieval.search import ChunkStore, search
 
 N_CHUNKS, DIM, K = 8, 64, 10
 SUBSETS = {1: [3], 2: [1, 5], 8: list(range(N_CHUNKS))}
 BUFFER = 1 << 29  # bytes per copy buffer: 512 MiB, beyond the last-level cache
+# After a call OpenBLAS's worker threads (numpy's, and faiss's own) spin for about 0.1 s; a
+# method timed meanwhile has one core fewer (8 chunks, 16 queries: 52 ms against 31 ms). Each
+# call waits for the others' thread pools to go idle, then the timed copy runs before it.
+SETTLE = 0.2  # seconds
 
 
 def rss() -> int:
@@ -103,6 +110,7 @@ def bench(n: int, repeats: int, src: np.ndarray, dst: np.ndarray, rate: float) -
                         continue
                     # The copy evicts the chosen chunks from the last-level cache and, timed,
                     # measures the memory bandwidth under the same conditions as the call.
+                    time.sleep(SETTLE)
                     copies.append(timed(lambda: np.copyto(dst, src)))
                     if m == "ours, code warm":  # the interpreter's working set back in cache, not the data
                         search(tiny, q, sel, K)
@@ -135,6 +143,8 @@ def main() -> None:
     bandwidth = 2 * src.nbytes / copy  # a copy reads src and writes dst
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
           f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), load {os.getloadavg()[0]:.1f}")
+    built = os.path.basename(scan._lib._name).split(".")[0] if scan._lib is not None else None
+    print(f"search core's batches: {f'the C scan, build {built}' if built else 'numpy GEMM (no C scan built)'}")
     print(f"bandwidth at the start: {bandwidth / 1e9:.1f} GB/s (median copy of {BUFFER >> 20} MiB in "
           f"{copy * 1e3:.1f} ms, counting read + write bytes)", flush=True)
     rate = matmul_rate()

@@ -5,7 +5,8 @@ the chosen chunks costs no pass of its own over the (N, Q) scores. numpy's matmu
 into its output, and scipy's BLAS wrappers can but hold the GIL for the whole product, which
 stalls every other request thread of the server; a ctypes call releases the GIL while it runs.
 Where numpy links another BLAS (MKL, Accelerate) or the symbol is missing, `gemm_add` is None
-and the core adds with numpy instead.
+and the core adds with numpy instead. `blas_threads` reads that OpenBLAS's thread count, so the
+C scan (retrieval/scan.py) obeys the same limit (`retrieval serve` sets one per request).
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ _SYMBOLS = (("scipy_cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm64_", ctypes.
             ("scipy_cblas_sgemm", ctypes.c_int32), ("cblas_sgemm", ctypes.c_int32))
 
 
-def _numpy_openblas() -> Callable | None:
-    """The cblas_sgemm of the OpenBLAS numpy uses, wrapped for gemm_add; None if there is none."""
+def _numpy_openblas() -> ctypes.CDLL | None:
+    """The OpenBLAS library numpy uses, loaded; None if numpy links another BLAS."""
     from threadpoolctl import threadpool_info
 
     numpy = os.path.dirname(np.__file__)  # its wheel's OpenBLAS lies beside it, in numpy.libs
@@ -31,17 +32,22 @@ def _numpy_openblas() -> Callable | None:
         if lib.get("internal_api") != "openblas" or not lib["filepath"].startswith(numpy):
             continue
         try:
-            dll = ctypes.CDLL(lib["filepath"])
+            return ctypes.CDLL(lib["filepath"])
         except OSError:
             return None
-        for name, integer in _SYMBOLS:
-            fn = getattr(dll, name, None)
-            if fn is not None:
-                f32p = ctypes.POINTER(ctypes.c_float)
-                fn.restype = None
-                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, ctypes.c_float,
-                               f32p, integer, f32p, integer, ctypes.c_float, f32p, integer]
-                return fn
+    return None
+
+
+def _sgemm_of(dll: ctypes.CDLL | None) -> Callable | None:
+    """dll's cblas_sgemm, typed for gemm_add; None if it has none."""
+    for name, integer in _SYMBOLS if dll is not None else ():
+        fn = getattr(dll, name, None)
+        if fn is not None:
+            f32p = ctypes.POINTER(ctypes.c_float)
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, ctypes.c_float,
+                           f32p, integer, f32p, integer, ctypes.c_float, f32p, integer]
+            return fn
     return None
 
 
@@ -60,5 +66,18 @@ def _wrap(sgemm: Callable) -> Callable[[np.ndarray, np.ndarray, np.ndarray], Non
     return gemm_add
 
 
-_sgemm = _numpy_openblas()
+def _threads_of(dll: ctypes.CDLL | None) -> Callable[[], int]:
+    """How many threads numpy's BLAS may use now (threadpoolctl's limits included), as a function."""
+    for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads") if dll is not None else ():
+        fn = getattr(dll, name, None)
+        if fn is not None:
+            fn.restype, fn.argtypes = ctypes.c_int, []
+            return fn
+    return lambda: os.cpu_count() or 1
+
+
+_dll = _numpy_openblas()
+_sgemm = _sgemm_of(_dll)
 gemm_add = _wrap(_sgemm) if _sgemm is not None else None
+blas_threads = _threads_of(_dll)
+"""The thread count numpy's BLAS runs with: the fused scan (retrieval/scan.py) uses as many."""

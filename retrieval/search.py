@@ -5,8 +5,10 @@ ascending id. Each chunk's vectors are stored contiguously, so a query reads onl
 chunks: one GEMM per chunk, all queries at once, on the expansion w_c(‖x_c‖² − 2 x_c·q_c)
 in float32, a cheap selection of the k-th score, then every item whose float32 score lies within a rigorous
 rounding-error bound of the k-th is re-ranked in float64 from its raw vectors, so results equal
-a float64 brute force. The torch backend runs the same steps with torch.matmul and torch.topk
-on the store's device (CUDA, or the CPU for tests).
+a float64 brute force. Several queries at once go through a C scan instead where it was built
+(retrieval/scan.py): the same float32 scores, compared with each query's running k-th in
+registers instead of written out and selected. The torch backend runs the same steps with
+torch.matmul and torch.topk on the store's device (CUDA, or the CPU for tests).
 
 Filters act inside the search, so k results come back whenever k items pass them: `allowed` is
 a boolean mask over the store's items or an array of ids; `exclude_ids` is one list of ids for
@@ -26,6 +28,7 @@ import numpy as np
 
 from disentangle.errors import RetrievalError
 
+from . import scan
 from .blas import gemm_add
 
 _U = 2.0**-24  # float32 unit roundoff
@@ -34,6 +37,7 @@ _SAFE = 1e36  # float32 scores bounded by this cannot overflow (float32 max is 3
 _BLOCK = 1 << 16  # rows per block of float64 work: keeps its temporaries to a few MB
 _SCORES = 1 << 24  # float32 scores per query group: bounds the (N, Q) score matrix to 64 MB
 _SPARSE = 8  # an allowed set of at most N / _SPARSE items is gathered instead of masked
+_FUSED_MIN_Q = 2  # queries per call from which the C scan beats the GEMV (one query reads at memory speed)
 _GROUPS = 256  # selection groups per wanted item: more groups, fewer candidates to scan
 _SCRATCH = threading.local()  # score buffers kept per thread: at most 2 x _SCORES + N floats
 # Weights are relative importances. Within this range each weighted float32 term stays a normal
@@ -230,6 +234,10 @@ def _up(r: np.ndarray | float) -> np.ndarray:
 def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray]:
     """Per query, local indices including every float32 score within e of the kk-th smallest."""
     n = len(store) if rows is None else len(rows)
+    if scan.windows is not None and len(q) >= _FUSED_MIN_Q and kk.max() <= scan.MAX_KK:
+        wins = _windows_fused(store, q, sel, w, rows, mask, excl, kk, e)
+        if wins is not None:
+            return wins
     # Scores as (n, Q): X (n, d) @ q.T (d, Q) streams the stored rows once for all queries, where
     # q @ X.T makes OpenBLAS pack all of X first (2 queries cost 4.5 times one, 16 three times
     # this at 200K x 64; docs/benchmarks.md). They start at Σ_c w_c‖x_c‖² and each chunk's GEMM
@@ -264,6 +272,21 @@ def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray
         if len(p):
             acc[p, i] = np.inf
     return _select(acc, kk, e)
+
+
+def _windows_fused(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray] | None:
+    """_windows_numpy by the C scan (retrieval/scan.py); None where it gave up."""
+    xs = [store._x[c] if rows is None else store._x[c][rows] for c in sel]
+    norms = [store._norms[c] if rows is None else store._norms[c][rows] for c in sel]
+    qs = [np.float32(-2.0 * wc) * q[:, c] for c, wc in zip(sel, w)]
+    # Excluded rows are scanned like any other: the (kk + m)-th score over all rows is at least
+    # the kk-th over the rest, so the window around it still holds every row needed; then the
+    # excluded rows are dropped. kk + m never exceeds the allowed rows (search() caps kk so).
+    m = np.array([len(p) for p in excl])
+    wins = scan.windows(xs, norms, w, qs, mask, np.where(kk > 0, kk + m, 0), e)
+    if wins is None:
+        return None
+    return [np.setdiff1d(win, p, assume_unique=True) if len(p) else win for win, p in zip(wins, excl)]
 
 
 def _select(s: np.ndarray, kk: np.ndarray, e: np.ndarray) -> list[np.ndarray]:

@@ -1,4 +1,6 @@
 """Exact any-subset chunk search (retrieval/search.py) against a float64 numpy brute force."""
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -74,10 +76,17 @@ def cases(draw):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# numpy-gemm: the numpy backend with the C scan (retrieval/scan.py) off, as where it was not built
+@pytest.mark.parametrize("backend", BACKENDS + ["numpy-gemm"])
 @settings(max_examples=120, deadline=None, derandomize=True)
 @given(case=cases())
 def test_equals_brute_force(backend, case):
+    with mock.patch.object(search_module.scan, "windows", None if backend == "numpy-gemm" else
+                           search_module.scan.windows):
+        check_against_brute_force(backend.split("-")[0], case)
+
+
+def check_against_brute_force(backend, case):
     rng = np.random.default_rng(case["seed"])
     n, nc, dim = case["n_items"], case["n_chunks"], case["dim"]
     feats, ids = make_data(rng, n, nc, dim, levels=case["levels"])
@@ -103,13 +112,16 @@ def test_equals_brute_force(backend, case):
                                        allowed, excluded))
 
 
-@pytest.mark.parametrize("in_place", [True, False])
-def test_the_numpy_path_equals_the_in_place_gemm(monkeypatch, in_place):
+@pytest.mark.parametrize("path", ["scan", "in-place gemm", "numpy"])
+def test_the_numpy_path_equals_the_in_place_gemm(monkeypatch, path):
     """Where numpy links no OpenBLAS of its own (retrieval/blas.py), the core multiplies and adds
-    with numpy: the same results."""
+    with numpy, and where the C scan was not built (retrieval/scan.py) it takes the GEMM: the same
+    results."""
     import retrieval.search as core
 
-    if not in_place:
+    if path != "scan":
+        monkeypatch.setattr(core.scan, "windows", None)
+    if path == "numpy":
         monkeypatch.setattr(core, "gemm_add", None)
     rng = np.random.default_rng(7)
     feats, ids = make_data(rng, 2000, 4, 8, levels=4)

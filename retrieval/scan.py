@@ -1,0 +1,106 @@
+"""The fused scan (retrieval/_scan.c), loaded with ctypes: candidate windows without a score matrix.
+
+For a batch of queries the numpy path writes an (N, Q) float32 score matrix, then reads it again
+to select: at 200K x 16 queries that is 12.8 MB out and back per call, and two passes of numpy
+selection, around a GEMM that is skinny enough for OpenBLAS to run at half its rate. The C scan
+keeps a block of rows' scores for 16 queries in registers and compares them with each query's
+running threshold at once; only the few rows under it are written. Its windows satisfy the same
+contract as search._select (a superset of the rows within e of the kk-th score), so the float64
+re-rank makes the results equal either way; the tests check both paths against brute force.
+
+setup.py builds the library with the package; where it is missing (no C compiler at install) or
+fails to load, `windows` is None and the core uses the numpy path.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from .blas import blas_threads
+
+LANES = 16  # queries per vector in the C kernel
+MAX_KK = 4096  # larger k + offset: the numpy path's partition, whose cost does not grow with k
+_CAP = 64  # candidate slots per query beyond 2 kk; more within e of the kk-th falls back to numpy
+
+
+def _library(name: str) -> ctypes.CDLL | None:
+    """The shared library `name` built beside this file, loaded; None if it is not there."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(here, name + suffix)
+        if os.path.exists(path):
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                return None
+    return None
+
+
+def _load() -> ctypes.CDLL | None:
+    """The widest build of the scan this CPU runs (setup.py builds one per x86-64 level), typed."""
+    lib = _library("_scan")
+    if lib is None:
+        return None
+    lib.scan_cpu_level.restype = ctypes.c_int
+    level = lib.scan_cpu_level()
+    for name in [f"_scan_v{v}" for v in (4, 3) if v <= level]:
+        wider = _library(name)
+        if wider is not None:
+            lib = wider
+            break
+    fn = lib.scan_windows
+    ptr = ctypes.c_void_p
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr,
+                   ptr, ctypes.c_int, ctypes.c_int64, ptr, ptr]
+    return lib
+
+
+def _addresses(arrays: list[np.ndarray]) -> np.ndarray:
+    """A C array of the arrays' data pointers (the arrays must outlive its use)."""
+    return np.array([a.ctypes.data for a in arrays], dtype=np.uintp)
+
+
+def _wrap(lib: ctypes.CDLL) -> Callable:
+    scan = lib.scan_windows
+
+    def windows(xs: list[np.ndarray], norms: list[np.ndarray], w: np.ndarray, qs: list[np.ndarray],
+                mask: np.ndarray | None, kk: np.ndarray, e: np.ndarray) -> list[np.ndarray] | None:
+        """Per query, rows including every float32 score within e[i] of the kk[i]-th smallest.
+
+        xs: the chosen chunks' C-contiguous float32 (n, d) rows; norms their float32 squared norms;
+        w the float64 weights; qs per chunk the (Q, d) float32 -2 w_c q_c; mask a bool row filter
+        or None; kk int64 (Q,) with kk[i] allowed rows at least. None if the scan gave up (memory,
+        or more ties within e than its buffers hold): the caller then uses the numpy path."""
+        n, d = xs[0].shape
+        nq = len(kk)
+        tiles = -(-nq // LANES)
+        qt = np.zeros((tiles, len(xs), d, LANES), np.float32)  # per tile and chunk, dimension-major
+        for c, qc in enumerate(qs):
+            pad = np.zeros((tiles * LANES, d), np.float32)
+            pad[:nq] = qc
+            qt[:, c] = pad.reshape(tiles, LANES, d).transpose(0, 2, 1)
+        kk = np.ascontiguousarray(kk, np.int64)
+        e = np.ascontiguousarray(e, np.float64)
+        wnorm = np.asarray(w, np.float32)
+        m = None if mask is None else np.ascontiguousarray(mask, np.uint8)
+        cap = 2 * int(kk.max()) + _CAP
+        out = np.empty((nq, cap), np.int64)
+        count = np.zeros(nq, np.int64)
+        xp, np_ = _addresses(xs), _addresses(norms)
+        status = scan(len(xs), n, d, xp.ctypes.data, np_.ctypes.data, wnorm.ctypes.data, qt.ctypes.data, nq,
+                      None if m is None else m.ctypes.data, kk.ctypes.data, e.ctypes.data, blas_threads(), cap,
+                      out.ctypes.data, count.ctypes.data)
+        if status != 0 or count.max() > cap:
+            return None
+        return [np.sort(out[i, :count[i]]) for i in range(nq)]
+
+    return windows
+
+
+_lib = _load()
+windows = _wrap(_lib) if _lib is not None else None
