@@ -6,7 +6,8 @@ methods interleaved):
   ours     retrieval.search.search (exact: float32 GEMV for one query, the C scan of
            retrieval/scan.py for 16 where it was built, else GEMM; float64 re-rank), also with a
            search on a 1,000-item store between flush and call ("code warm"): the flush
-           evicts the interpreter's working set too, which a C call hardly notices;
+           evicts the interpreter's working set too, which a C call hardly notices; and
+           with the C scan switched off ("GEMM": the numpy path, the same for one query);
   matmul   just the float32 matmuls of the chosen chunks (what the BLAS alone costs);
   faiss    faiss.knn on a contiguous copy of the chosen chunks made beforehand;
   naive    ((X[S] - q[S]) ** 2).sum() over the full arrays, one query at a time;
@@ -54,6 +55,15 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def without_scan(fn):
+    """fn() with the core's C scan switched off: its numpy GEMM path, as where the scan was not built."""
+    saved, scan.windows = scan.windows, None
+    try:
+        return fn()
+    finally:
+        scan.windows = saved
+
+
 def naive(x: np.ndarray, q: np.ndarray, sel: list[int], k: int) -> np.ndarray:
     """Top-k ids by squared distance over the full (n_chunks, N, d) array, per query."""
     out = []
@@ -97,6 +107,7 @@ def bench(n: int, repeats: int, src: np.ndarray, dst: np.ndarray, rate: float) -
             methods = {
                 "ours": lambda: search(store, q, sel, K),
                 "ours, code warm": lambda: search(store, q, sel, K),
+                "ours, GEMM": lambda: without_scan(lambda: search(store, q, sel, K)),
                 "matmul": lambda: [np.matmul(q[:, c], x[c].T, out=scores) for c in sel],
                 "faiss": lambda xb=xb: faiss.knn(xq, xb, K),
                 "naive": lambda: naive(x, q, sel, K),
@@ -149,10 +160,10 @@ def main() -> None:
           f"{copy * 1e3:.1f} ms, counting read + write bytes)", flush=True)
     rate = matmul_rate()
     print(f"float32 matmul rate: {rate / 1e9:.1f} GFLOP/s (median of 5 square 2048 matmuls)\n", flush=True)
-    rows = ["| N | \\|S\\| | queries | ours ms | ours, code warm ms | matmul ms | faiss.knn ms | naive ms | "
-            "GB/s | floor ms | **ours / floor** | code warm / floor | matmul / floor | faiss / floor | "
-            "naive / floor | arith floor ms | **ours / max(floor, arith)** |",
-            "|" + "---|" * 17]
+    rows = ["| N | \\|S\\| | queries | ours ms | ours, code warm ms | ours, GEMM ms | matmul ms | faiss.knn ms | "
+            "naive ms | GB/s | floor ms | **ours / floor** | code warm / floor | GEMM / floor | matmul / floor | "
+            "faiss / floor | naive / floor | arith floor ms | **ours / max(floor, arith)** |",
+            "|" + "---|" * 19]
     for n in args.n:
         rows += bench(n, args.repeats, src, dst, rate)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}\n")

@@ -19,6 +19,7 @@
 #define LANES 16 /* queries per vector */
 #define ROWS 8   /* rows per register tile: 8 accumulators of 16 lanes, a third of AVX-512's registers */
 #define BLOCK 128 /* rows per block: its scores (8 KB per 16 queries) stay in the L1 cache */
+#define SHARE (BLOCK * 128) /* rows a thread takes at a time */
 
 typedef float v16 __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t v16i __attribute__((vector_size(LANES * sizeof(int32_t))));
@@ -42,6 +43,7 @@ typedef struct {
     const uint8_t *mask;
     const int64_t *kk;
     const double *e;
+    int64_t n, *next;  /* rows in all, and the first not yet taken by a thread */
     /* this thread's rows and state */
     int64_t lo, hi;
     query_state *qs;
@@ -199,14 +201,22 @@ static inline __attribute__((always_inline)) void scan_range(work *w, const int 
 }
 
 static void scan_rows(work *w) {
-    /* a constant chunk width lets the compiler address each row by an immediate offset, which
-     * ran the FMA loop half again as fast as a width in a register (64 is the models' width) */
-    switch (w->d) {
-    case 16: scan_range(w, 16); break;
-    case 32: scan_range(w, 32); break;
-    case 64: scan_range(w, 64); break;
-    case 128: scan_range(w, 128); break;
-    default: scan_range(w, w->d);
+    /* Threads take SHARE rows at a time rather than a fixed half each: on this VM a core that
+     * was idle runs slower for milliseconds, and the other then takes more of the work. */
+    for (;;) {
+        int64_t lo = __atomic_fetch_add(w->next, SHARE, __ATOMIC_RELAXED);
+        if (lo >= w->n || w->failed) return;
+        w->lo = lo;
+        w->hi = lo + SHARE < w->n ? lo + SHARE : w->n;
+        /* a constant chunk width lets the compiler address each row by an immediate offset,
+         * which ran the FMA loop half again as fast as a width in a register */
+        switch (w->d) {
+        case 16: scan_range(w, 16); break;
+        case 32: scan_range(w, 32); break;
+        case 64: scan_range(w, 64); break;
+        case 128: scan_range(w, 128); break;
+        default: scan_range(w, w->d);
+        }
     }
 }
 
@@ -256,13 +266,11 @@ int scan_windows(int nsel, int64_t n, int d, const float *const *x, const float 
     pthread_t tid[64];
     int status = 0;
     char started[64] = {0};
-    int64_t step = ((n / threads + ROWS - 1) / ROWS) * ROWS;
+    int64_t next = 0;
     for (int t = 0; t < threads; t++) {
         work *w = &ws[t];
         *w = (work){.nsel = nsel, .d = d, .nq = nq, .ntiles = ntiles, .x = x, .norms = norms, .wnorm = wnorm,
-                    .qt = qt, .mask = mask, .kk = kk, .e = e};
-        w->lo = t * step < n ? t * step : n;
-        w->hi = t == threads - 1 ? n : (w->lo + step < n ? w->lo + step : n);
+                    .qt = qt, .mask = mask, .kk = kk, .e = e, .n = n, .next = &next};
         w->qs = calloc(nq, sizeof(query_state));
         w->thr = malloc((size_t)ntiles * LANES * sizeof(float));
         if (posix_memalign((void **)&w->buf, sizeof(v16), (size_t)ntiles * BLOCK * sizeof(v16))) w->buf = NULL;
