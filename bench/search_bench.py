@@ -38,8 +38,7 @@ SUBSETS = {1: [3], 2: [1, 5], 8: list(range(N_CHUNKS))}
 BUFFER = 1 << 29  # bytes per copy buffer: 512 MiB, beyond the last-level cache
 # After a call OpenBLAS's worker threads (numpy's, and faiss's own) spin for about 0.1 s; a
 # method timed meanwhile has one core fewer (8 chunks, 16 queries: 52 ms against 31 ms). Each
-# call waits for the others' thread pools to go idle, then the timed copy runs before it.
-SETTLE = 0.2  # seconds
+# call waits for the others' thread pools to go idle (--settle seconds), then the timed copy runs.
 
 
 def rss() -> int:
@@ -82,7 +81,7 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / np.median([timed(lambda: np.matmul(a, a, out=out)) for _ in range(repeats)])
 
 
-def bench(n: int, repeats: int, src: np.ndarray, dst: np.ndarray, rate: float) -> list[str]:
+def bench(n: int, repeats: int, src: np.ndarray, dst: np.ndarray, rate: float, settle: float) -> list[str]:
     rng = np.random.default_rng(0)
     before = rss()
     x = np.empty((N_CHUNKS, n, DIM), np.float32)
@@ -121,7 +120,7 @@ def bench(n: int, repeats: int, src: np.ndarray, dst: np.ndarray, rate: float) -
                         continue
                     # The copy evicts the chosen chunks from the last-level cache and, timed,
                     # measures the memory bandwidth under the same conditions as the call.
-                    time.sleep(SETTLE)
+                    time.sleep(settle)
                     copies.append(timed(lambda: np.copyto(dst, src)))
                     if m == "ours, code warm":  # the interpreter's working set back in cache, not the data
                         search(tiny, q, sel, K)
@@ -146,6 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[200_000], help="store sizes")
     parser.add_argument("--repeats", type=int, default=9, help="timed calls per method and setting")
+    parser.add_argument("--settle", type=float, default=0.2,
+                        help="seconds before each call for other libraries' thread pools to go idle")
     args = parser.parse_args()
 
     src = np.ones(BUFFER // 4, np.float32)
@@ -165,7 +166,7 @@ def main() -> None:
             "faiss / floor | naive / floor | arith floor ms | **ours / max(floor, arith)** |",
             "|" + "---|" * 19]
     for n in args.n:
-        rows += bench(n, args.repeats, src, dst, rate)
+        rows += bench(n, args.repeats, src, dst, rate, args.settle)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}\n")
     print("\n".join(rows))
 

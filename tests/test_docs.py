@@ -266,8 +266,8 @@ BUDGET = {
     # the two variants that later lines read: mix (the transfer figure), mix+c+g (STAND_INS)
     "OMP_NUM_THREADS=1 retrieval ablate shapes:20000 --preset shapes --steps 1000 --batch-size 16 --seed 0 "
     "--out runs/ablation-shapes": "--steps 2 --batch-size 4 --variants mix,mix+c+g",
-    ".venv/bin/python bench/search_bench.py --n 200000 1000000": "--n 2000 --repeats 1",
-    ".venv/bin/python bench/search_bench.py --n 200000 1000000 --repeats 5": "--n 2000 --repeats 1",
+    ".venv/bin/python bench/search_bench.py --n 200000 1000000": "--n 2000 --repeats 1 --settle 0",
+    ".venv/bin/python bench/search_bench.py --n 200000 1000000 --repeats 5": "--n 2000 --repeats 1 --settle 0",
     ".venv/bin/python bench/request_bench.py": "--n 2000 --queries 3",
     ".venv/bin/python bench/load_test.py --seconds 8": "--n 2000 --seconds 0.2",
     ".venv/bin/python bench/load_test.py --seconds 8 --threads 4": "--n 2000 --seconds 0.2",
