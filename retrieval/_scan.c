@@ -1,4 +1,4 @@
-/* The search core's fused scan: scores of a block of rows for up to 16 queries at a time, kept in
+/* The search core's fused scan: scores of a block of rows for 4, 8 or 16 queries at a time, kept in
  * registers and compared at once with each query's running threshold, so no (N, Q) score matrix
  * is ever written or read back (retrieval/scan.py loads this with ctypes and explains the
  * contract; retrieval/search.py, _windows_numpy, is the reference it must agree with).
@@ -16,14 +16,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define LANES 16 /* queries per vector */
 #define ROWS 8   /* rows per register tile: 8 accumulators of 16 lanes, a third of AVX-512's registers */
-#define BLOCK 128 /* rows per block: its scores (8 KB per 16 queries) stay in the L1 cache */
-#define SHARE (BLOCK * 128) /* rows a thread takes at a time */
+#define BLOCK 512 /* rows per block, read chunk by chunk: runs of 128 KB for the prefetchers */
+#define SHARE (BLOCK * 64) /* rows a thread takes at a time (8 MB of a 64-wide chunk) */
 
-typedef float v16 __attribute__((vector_size(LANES * sizeof(float))));
-typedef int32_t v16i __attribute__((vector_size(LANES * sizeof(int32_t))));
-typedef float v16u __attribute__((vector_size(LANES * sizeof(float)), aligned(4))); /* numpy's alignment */
 
 typedef struct {
     float *heap;      /* max-heap of the kk smallest scores seen */
@@ -47,8 +43,9 @@ typedef struct {
     /* this thread's rows and state */
     int64_t lo, hi;
     query_state *qs;
-    float *thr;       /* ntiles * LANES thresholds; -inf on padding lanes and for kk = 0 */
-    v16 *buf;         /* ntiles * BLOCK score vectors of the block being scanned */
+    int lanes;        /* queries per vector: 16, 8 or 4 */
+    float *thr;       /* ntiles * lanes thresholds; -inf on padding lanes and for kk = 0 */
+    void *buf;        /* ntiles * BLOCK score vectors of the block being scanned */
     int failed;
 } work;
 
@@ -113,112 +110,12 @@ static void admit(work *w, int q, int64_t row, float score) {
     if (s->size == kk) w->thr[q] = up((double)s->heap[0] + w->e[q]);
 }
 
-/* Adds chunk c's dot products of rows [i, i + rows) to their scores in buf (row j of the block at
- * buf[(t * BLOCK + j) * LANES], query tile t), or starts them from base on the first chunk. */
-static inline __attribute__((always_inline)) void chunk_tile(const work *w, int c, int64_t i, int j,
-                                                             const int rows, const int d, v16 *buf,
-                                                             const float *base, int first) {
-    const float *xc = w->x[c] + i * d;
-    for (int t = 0; t < w->ntiles; t++) {
-        const v16u *qv = (const v16u *)(w->qt + ((int64_t)t * w->nsel + c) * d * LANES);
-        v16 acc[ROWS];
-        for (int r = 0; r < rows; r++) acc[r] = (v16){0};
-        for (int k = 0; k < d; k++) {
-            v16 qk = qv[k];
-            for (int r = 0; r < rows; r++) acc[r] += xc[r * d + k] * qk;
-        }
-        v16 *out = buf + (size_t)t * BLOCK + j;
-        for (int r = 0; r < rows; r++) out[r] = first ? acc[r] + base[j + r] : out[r] + acc[r];
-    }
-}
-
-/* Compares the scores sc of rows [i, i + rows) for query tile t with the thresholds. */
-static inline __attribute__((always_inline)) void compare_tile(work *w, int t, int64_t i, const int rows,
-                                                               const v16 *sc) {
-    v16 thr;
-    memcpy(&thr, w->thr + t * LANES, sizeof thr);
-    v16i hit = (v16i){0};
-    for (int r = 0; r < rows; r++) hit |= sc[r] <= thr;
-    uint64_t words[LANES / 2];
-    memcpy(words, &hit, sizeof words);
-    uint64_t any = 0;
-    for (int m = 0; m < LANES / 2; m++) any |= words[m];
-    if (!any) return; /* the common case once the thresholds have settled */
-    for (int r = 0; r < rows; r++) {
-        if (w->mask && !w->mask[i + r]) continue;
-        for (int l = 0; l < LANES; l++) {
-            int q = t * LANES + l;
-            if (sc[r][l] <= w->thr[q]) admit(w, q, i + r, sc[r][l]);
-        }
-    }
-}
-
-/* One chosen chunk: the scores of rows [i, i + rows) (block row j) never leave the registers. */
-static inline __attribute__((always_inline)) void single_tile(work *w, int64_t i, int j, const int rows,
-                                                              const int d, const float *base) {
-    const float *x = w->x[0] + i * d;
-    for (int t = 0; t < w->ntiles; t++) {
-        const v16u *qv = (const v16u *)(w->qt + (int64_t)t * d * LANES);
-        v16 acc[ROWS];
-        for (int r = 0; r < rows; r++) acc[r] = (v16){0};
-        for (int k = 0; k < d; k++) {
-            v16 qk = qv[k];
-            for (int r = 0; r < rows; r++) acc[r] += x[r * d + k] * qk;
-        }
-        for (int r = 0; r < rows; r++) acc[r] += base[j + r];
-        compare_tile(w, t, i, rows, acc);
-    }
-}
-
-/* Scores a block of rows one chunk after another, so that each chunk is read in runs of BLOCK
- * rows (interleaving 8 chunks a tile of 8 rows at a time ran 1.5 times as long; software prefetches
- * gained nothing), then compares. */
-static inline __attribute__((always_inline)) void scan_range(work *w, const int d) {
-    float base[BLOCK];
-    for (int64_t b = w->lo; b < w->hi && !w->failed; b += BLOCK) {
-        const int n = w->hi - b < BLOCK ? (int)(w->hi - b) : BLOCK;
-        for (int j = 0; j < n; j++) base[j] = 0.0f;
-        for (int c = 0; c < w->nsel; c++)
-            for (int j = 0; j < n; j++) base[j] += w->wnorm[c] * w->norms[c][b + j];
-        if (w->nsel == 1) { /* scored and compared in registers: a fifth faster than through buf */
-            int j = 0;
-            for (; j + ROWS <= n; j += ROWS) single_tile(w, b + j, j, ROWS, d, base);
-            for (; j < n; j++) single_tile(w, b + j, j, 1, d, base);
-            continue;
-        }
-        for (int c = 0; c < w->nsel; c++) {
-            int j = 0;
-            for (; j + ROWS <= n; j += ROWS) chunk_tile(w, c, b + j, j, ROWS, d, w->buf, base, c == 0);
-            for (; j < n; j++) chunk_tile(w, c, b + j, j, 1, d, w->buf, base, c == 0);
-        }
-        for (int t = 0; t < w->ntiles; t++) {
-            const v16 *sc = w->buf + (size_t)t * BLOCK;
-            int j = 0;
-            for (; j + ROWS <= n; j += ROWS) compare_tile(w, t, b + j, ROWS, sc + j);
-            for (; j < n; j++) compare_tile(w, t, b + j, 1, sc + j);
-        }
-    }
-}
-
-static void scan_rows(work *w) {
-    /* Threads take SHARE rows at a time rather than a fixed half each: on this VM a core that
-     * was idle runs slower for milliseconds, and the other then takes more of the work. */
-    for (;;) {
-        int64_t lo = __atomic_fetch_add(w->next, SHARE, __ATOMIC_RELAXED);
-        if (lo >= w->n || w->failed) return;
-        w->lo = lo;
-        w->hi = lo + SHARE < w->n ? lo + SHARE : w->n;
-        /* a constant chunk width lets the compiler address each row by an immediate offset,
-         * which ran the FMA loop half again as fast as a width in a register */
-        switch (w->d) {
-        case 16: scan_range(w, 16); break;
-        case 32: scan_range(w, 32); break;
-        case 64: scan_range(w, 64); break;
-        case 128: scan_range(w, 128); break;
-        default: scan_range(w, w->d);
-        }
-    }
-}
+#define LANES 16
+#include "_scan_lanes.h"
+#define LANES 8
+#include "_scan_lanes.h"
+#define LANES 4
+#include "_scan_lanes.h"
 
 /* The widest x86-64 level this CPU runs (4: AVX-512, 3: AVX2 and FMA, 0: other or unknown):
  * setup.py builds this file once per level, and retrieval/scan.py asks the plain build which
@@ -232,6 +129,14 @@ int scan_cpu_level(void) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 3;
 #endif
     return 0;
+}
+
+static void scan_rows(work *w) {
+    switch (w->lanes) {
+    case 16: scan_rows_16(w); break;
+    case 8: scan_rows_8(w); break;
+    default: scan_rows_4(w);
+    }
 }
 
 static void *run(void *arg) {
@@ -251,14 +156,16 @@ static void free_states(query_state *qs, int nq) {
 }
 
 /* Per query q, the rows whose float32 score is at most up(kk[q]-th smallest score + e[q]), rows
- * with mask[row] == 0 left out (mask may be NULL). Writes at most cap rows of query q to
+ * with mask[row] == 0 left out (mask may be NULL). qt holds -2 w_c q_c per tile of `lanes`
+ * queries (16, 8 or 4) and chunk, dimension-major: qt[((t * nsel + c) * d + k) * lanes + l]. Writes at most cap rows of query q to
  * out[q * cap ...] and their number, which may exceed cap, to count[q]. Needs kk[q] allowed rows.
  * Returns 0; -1 when memory ran out, -2 when fewer than kk[q] rows were allowed (nothing usable
  * written then). */
 int scan_windows(int nsel, int64_t n, int d, const float *const *x, const float *const *norms,
                  const float *wnorm, const float *qt, int nq, const uint8_t *mask, const int64_t *kk,
-                 const double *e, int threads, int64_t cap, int64_t *out, int64_t *count) {
-    int ntiles = (nq + LANES - 1) / LANES;
+                 const double *e, int lanes, int threads, int64_t cap, int64_t *out, int64_t *count) {
+    if (lanes != 16 && lanes != 8) lanes = 4;
+    int ntiles = (nq + lanes - 1) / lanes;
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
     if (n / 4096 < threads) threads = n >= 8192 ? (int)(n / 4096) : 1; /* 4096 rows a thread at least */
@@ -272,10 +179,11 @@ int scan_windows(int nsel, int64_t n, int d, const float *const *x, const float 
         *w = (work){.nsel = nsel, .d = d, .nq = nq, .ntiles = ntiles, .x = x, .norms = norms, .wnorm = wnorm,
                     .qt = qt, .mask = mask, .kk = kk, .e = e, .n = n, .next = &next};
         w->qs = calloc(nq, sizeof(query_state));
-        w->thr = malloc((size_t)ntiles * LANES * sizeof(float));
-        if (posix_memalign((void **)&w->buf, sizeof(v16), (size_t)ntiles * BLOCK * sizeof(v16))) w->buf = NULL;
+        w->lanes = lanes;
+        w->thr = malloc((size_t)ntiles * lanes * sizeof(float));
+        if (posix_memalign(&w->buf, 64, (size_t)ntiles * BLOCK * lanes * sizeof(float))) w->buf = NULL;
         if (!w->qs || !w->thr || !w->buf) { status = -1; threads = t + 1; break; }
-        for (int l = 0; l < ntiles * LANES; l++) w->thr[l] = l < nq && kk[l] > 0 ? INFINITY : -INFINITY;
+        for (int l = 0; l < ntiles * lanes; l++) w->thr[l] = l < nq && kk[l] > 0 ? INFINITY : -INFINITY;
         for (int q = 0; q < nq; q++) {
             query_state *s = &w->qs[q];
             s->cap = 2 * kk[q] + 64;

@@ -5,8 +5,7 @@ the chosen chunks costs no pass of its own over the (N, Q) scores. numpy's matmu
 into its output, and scipy's BLAS wrappers can but hold the GIL for the whole product, which
 stalls every other request thread of the server; a ctypes call releases the GIL while it runs.
 Where numpy links another BLAS (MKL, Accelerate) or the symbol is missing, `gemm_add` is None
-and the core adds with numpy instead. `blas_threads` reads that OpenBLAS's thread count, so the
-C scan (retrieval/scan.py) obeys the same limit (`retrieval serve` sets one per request).
+and the core adds with numpy instead.
 """
 from __future__ import annotations
 
@@ -66,18 +65,6 @@ def _wrap(sgemm: Callable) -> Callable[[np.ndarray, np.ndarray, np.ndarray], Non
     return gemm_add
 
 
-def _threads_of(dll: ctypes.CDLL | None) -> Callable[[], int]:
-    """How many threads numpy's BLAS may use now (threadpoolctl's limits included), as a function."""
-    for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads") if dll is not None else ():
-        fn = getattr(dll, name, None)
-        if fn is not None:
-            fn.restype, fn.argtypes = ctypes.c_int, []
-            return fn
-    return lambda: os.cpu_count() or 1
-
-
 _dll = _numpy_openblas()
 _sgemm = _sgemm_of(_dll)
 gemm_add = _wrap(_sgemm) if _sgemm is not None else None
-blas_threads = _threads_of(_dll)
-"""The thread count numpy's BLAS runs with: the fused scan (retrieval/scan.py) uses as many."""

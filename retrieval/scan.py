@@ -3,7 +3,7 @@
 For a batch of queries the numpy path writes an (N, Q) float32 score matrix, then reads it again
 to select: at 200K x 16 queries that is 12.8 MB out and back per call, and two passes of numpy
 selection, around a GEMM that is skinny enough for OpenBLAS to run at half its rate. The C scan
-keeps a block of rows' scores for 16 queries in registers and compares them with each query's
+keeps a block of rows' scores for 16 queries (or 8, or 4) in registers and compares them with each query's
 running threshold at once; only the few rows under it are written. Its windows satisfy the same
 contract as search._select (a superset of the rows within e of the kk-th score), so the float64
 re-rank makes the results equal either way; the tests check both paths against brute force.
@@ -20,11 +20,24 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .blas import blas_threads
-
-LANES = 16  # queries per vector in the C kernel
+LANES = (4, 8, 16)  # queries per vector the C kernel is built for: a batch takes the fewest that hold it
 MAX_KK = 4096  # larger k + offset: the numpy path's partition, whose cost does not grow with k
 _CAP = 64  # candidate slots per query beyond 2 kk; more within e of the kk-th falls back to numpy
+
+
+def _default_threads() -> int:
+    """RETRIEVAL_SCAN_THREADS if set, else the CPUs this process may run on."""
+    try:
+        return max(1, int(os.environ.get("RETRIEVAL_SCAN_THREADS") or len(os.sched_getaffinity(0))))
+    except (ValueError, AttributeError):  # no sched_getaffinity outside Linux
+        return os.cpu_count() or 1
+
+
+threads = _default_threads()
+"""Threads of one scan. All cores by default, also in `retrieval serve`, whose request threads
+each search with one BLAS thread: the coalescer (api/coalesce.py) runs one scan at a time for
+requests with the same options, so a scan on one core left the other idle (200K images, one
+chunk, 16 clients: 322 against 383 requests/s; two chunks: 167 against 266)."""
 
 
 def _library(name: str) -> ctypes.CDLL | None:
@@ -56,7 +69,7 @@ def _load() -> ctypes.CDLL | None:
     ptr = ctypes.c_void_p
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, ptr,
-                   ptr, ctypes.c_int, ctypes.c_int64, ptr, ptr]
+                   ptr, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ptr, ptr]
     return lib
 
 
@@ -78,12 +91,13 @@ def _wrap(lib: ctypes.CDLL) -> Callable:
         or more ties within e than its buffers hold): the caller then uses the numpy path."""
         n, d = xs[0].shape
         nq = len(kk)
-        tiles = -(-nq // LANES)
-        qt = np.zeros((tiles, len(xs), d, LANES), np.float32)  # per tile and chunk, dimension-major
+        lanes = next((v for v in LANES if nq <= v), LANES[-1])
+        tiles = -(-nq // lanes)
+        qt = np.zeros((tiles, len(xs), d, lanes), np.float32)  # per tile and chunk, dimension-major
         for c, qc in enumerate(qs):
-            pad = np.zeros((tiles * LANES, d), np.float32)
+            pad = np.zeros((tiles * lanes, d), np.float32)
             pad[:nq] = qc
-            qt[:, c] = pad.reshape(tiles, LANES, d).transpose(0, 2, 1)
+            qt[:, c] = pad.reshape(tiles, lanes, d).transpose(0, 2, 1)
         kk = np.ascontiguousarray(kk, np.int64)
         e = np.ascontiguousarray(e, np.float64)
         wnorm = np.asarray(w, np.float32)
@@ -93,7 +107,7 @@ def _wrap(lib: ctypes.CDLL) -> Callable:
         count = np.zeros(nq, np.int64)
         xp, np_ = _addresses(xs), _addresses(norms)
         status = scan(len(xs), n, d, xp.ctypes.data, np_.ctypes.data, wnorm.ctypes.data, qt.ctypes.data, nq,
-                      None if m is None else m.ctypes.data, kk.ctypes.data, e.ctypes.data, blas_threads(), cap,
+                      None if m is None else m.ctypes.data, kk.ctypes.data, e.ctypes.data, lanes, threads, cap,
                       out.ctypes.data, count.ctypes.data)
         if status != 0 or count.max() > cap:
             return None

@@ -4,12 +4,12 @@ The property test in test_search.py runs the core with and without it against a 
 force; these tests reach what that test's small cases do not: the compiled builds themselves, the
 chunk widths the C code specialises, query tiles with padding, two threads, and giving up.
 """
+import os
 import platform
 from unittest import mock
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 from retrieval import scan
 from retrieval import search as core
@@ -38,10 +38,11 @@ def search_both(store, q, chunks, k, **kw):
 
 
 @pytest.mark.parametrize("dim", [3, 16, 32, 64, 128])
-@pytest.mark.parametrize("n_queries", [2, 16, 40])
+@pytest.mark.parametrize("n_queries", [2, 7, 16, 40])
 def test_every_chunk_width_and_query_tile_equals_brute_force(dim, n_queries):
-    # 16, 32, 64 and 128 run code specialised for that width; 40 queries fill two tiles of 16
-    # and pad a third; 203 rows leave a tail of 3 after tiles of 8 rows
+    # 16, 32, 64 and 128 run code specialised for that width; 2 and 7 queries take the kernels
+    # of 4 and 8 lanes, 40 fill two tiles of 16 and pad a third; 203 rows leave a tail of 3
+    # after tiles of 8 rows
     rng = np.random.default_rng(dim * 100 + n_queries)
     feats, ids = make_data(rng, 203, 3, dim, levels=2)
     store = ChunkStore(feats.transpose(1, 0, 2), ids)
@@ -53,9 +54,9 @@ def test_every_chunk_width_and_query_tile_equals_brute_force(dim, n_queries):
         assert_matches(result, expected)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_rows_split_over_threads_equal_brute_force(threads):
-    # 40,000 rows are split between two threads, each with heaps of its own, merged at the end
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_rows_split_over_threads_equal_brute_force(monkeypatch, threads):
+    # 40,000 rows are taken 16K at a time by the threads, each with heaps of its own, merged at the end
     rng = np.random.default_rng(5)
     feats, ids = make_data(rng, 40_000, 2, 16, levels=4)
     store = ChunkStore(feats.transpose(1, 0, 2), ids)
@@ -63,8 +64,8 @@ def test_rows_split_over_threads_equal_brute_force(threads):
     q[:2] = feats[[7, 39_999]]
     allowed = rng.random(40_000) < 0.7
     exclude = np.stack([rng.choice(ids, 6) for _ in q])
-    with threadpool_limits(threads, user_api="blas"):
-        result = search(store, q, [1, 0], 25, allowed=allowed, exclude_ids=exclude)
+    monkeypatch.setattr(scan, "threads", threads)
+    result = search(store, q, [1, 0], 25, allowed=allowed, exclude_ids=exclude)
     assert_matches(result, brute_force(feats, ids, q, [1, 0], None, 25, 0, allowed, list(exclude)))
 
 
@@ -107,3 +108,10 @@ def test_a_large_k_takes_the_numpy_path():
         result = search(store, q, [0], scan.MAX_KK + 1)
     assert_matches(result, brute_force(feats, ids, q, [0], None, scan.MAX_KK + 1, 0,
                                        np.ones(len(ids), bool), [[]] * 2))
+
+
+def test_threads_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("RETRIEVAL_SCAN_THREADS", "3")
+    assert scan._default_threads() == 3
+    monkeypatch.setenv("RETRIEVAL_SCAN_THREADS", "")
+    assert scan._default_threads() == len(os.sched_getaffinity(0))
