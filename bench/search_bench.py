@@ -38,7 +38,7 @@ N_CHUNKS, DIM, K = 8, 64, 10
 SUBSETS = {1: [3], 2: [1, 5], 8: list(range(N_CHUNKS))}
 BUFFER = 1 << 29  # bytes per copy buffer: 512 MiB, beyond the last-level cache
 # After a call OpenBLAS's worker threads (numpy's, and faiss's own) spin for about 0.1 s; a
-# method timed meanwhile has one core fewer (8 chunks, 16 queries: 52 ms against 31 ms). Each
+# method timed meanwhile has one core fewer (8 chunks, 16 queries: 42 ms against 26 ms). Each
 # call waits for the others' thread pools to go idle (--settle seconds), then the timed copy runs.
 
 

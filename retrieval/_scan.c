@@ -157,8 +157,9 @@ static void free_states(query_state *qs, int nq) {
 
 /* Per query q, the rows whose float32 score is at most up(kk[q]-th smallest score + e[q]), rows
  * with mask[row] == 0 left out (mask may be NULL). qt holds -2 w_c q_c per tile of `lanes`
- * queries (16, 8 or 4) and chunk, dimension-major: qt[((t * nsel + c) * d + k) * lanes + l]. Writes at most cap rows of query q to
- * out[q * cap ...] and their number, which may exceed cap, to count[q]. Needs kk[q] allowed rows.
+ * queries (16, 8 or 4) and chunk, dimension-major: qt[((t * nsel + c) * d + k) * lanes + l].
+ * Writes at most cap rows of query q to out[q * cap ...] and their number, which may exceed cap,
+ * to count[q]. Needs kk[q] allowed rows.
  * Returns 0; -1 when memory ran out, -2 when fewer than kk[q] rows were allowed (nothing usable
  * written then). */
 int scan_windows(int nsel, int64_t n, int d, const float *const *x, const float *const *norms,

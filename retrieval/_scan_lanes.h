@@ -71,8 +71,8 @@ static inline __attribute__((always_inline)) void NAME(single_tile)(work *w, int
 
 /* Scores a block of rows one chunk after another, so that each chunk is read in runs of BLOCK
  * rows, then compares. At 200K rows and 16 queries, interleaving 8 chunks a tile of 8 rows at a
- * time ran 1.5 times as long, and blocks of 128 rows (with shares of 16K) 1.3 to 1.7 times as
- * long as 512 for 1, 2 and 8 chunks; software prefetches gained nothing. */
+ * time ran 1.5 times as long, and blocks of 128 rows (with shares of 16K) 1.3 to 1.8 times as
+ * long as 512 (with 32K) for 1, 2 and 8 chunks; software prefetches gained nothing. */
 static inline __attribute__((always_inline)) void NAME(scan_range)(work *w, const int d) {
     float base[BLOCK];
     for (int64_t b = w->lo; b < w->hi && !w->failed; b += BLOCK) {
@@ -109,7 +109,7 @@ static void NAME(scan_rows)(work *w) {
         w->lo = lo;
         w->hi = lo + SHARE < w->n ? lo + SHARE : w->n;
         /* a constant chunk width lets the compiler address each row by an immediate offset,
-         * which ran the FMA loop half again as fast as a width in a register */
+         * which ran the FMA loop 1.1 to 1.3 times as fast as a width in a register */
         switch (w->d) {
         case 16: NAME(scan_range)(w, 16); break;
         case 32: NAME(scan_range)(w, 32); break;
