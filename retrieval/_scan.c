@@ -19,6 +19,7 @@
 #define ROWS 8   /* rows per register tile: 8 accumulators of 16 lanes, a third of AVX-512's registers */
 #define BLOCK 512 /* rows per block, read chunk by chunk: runs of 128 KB for the prefetchers */
 #define SHARE (BLOCK * 64) /* rows a thread takes at a time (8 MB of a 64-wide chunk) */
+#define SCAN_ABI 2        /* scan_abi_version(): raise with any change of scan_windows' arguments */
 
 
 typedef struct {
@@ -121,15 +122,24 @@ static void admit(work *w, int q, int64_t row, float score) {
  * setup.py builds this file once per level, and retrieval/scan.py asks the plain build which
  * to load. (GCC's target_clones ran the AVX-512 loop a third slower than a whole build.) */
 int scan_cpu_level(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+    __builtin_cpu_init(); /* the levels by name: every feature -march=x86-64-vN may use */
+    return __builtin_cpu_supports("x86-64-v4") ? 4 : __builtin_cpu_supports("x86-64-v3") ? 3 : 0;
+#elif defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+        __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi2"))
         return 4;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 3;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
+        return 3;
 #endif
     return 0;
 }
+
+/* The calling convention retrieval/scan.py was written for: a library built from an older
+ * _scan.c (left in the source tree by an earlier install) is not loaded. */
+int scan_abi_version(void) { return SCAN_ABI; }
 
 static void scan_rows(work *w) {
     switch (w->lanes) {
@@ -169,7 +179,8 @@ int scan_windows(int nsel, int64_t n, int d, const float *const *x, const float 
     int ntiles = (nq + lanes - 1) / lanes;
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
-    if (n / 4096 < threads) threads = n >= 8192 ? (int)(n / 4096) : 1; /* 4096 rows a thread at least */
+    if ((n + SHARE - 1) / SHARE < threads) threads = (int)((n + SHARE - 1) / SHARE); /* a share each */
+    if (threads < 1) threads = 1;
     work ws[64];
     pthread_t tid[64];
     int status = 0;

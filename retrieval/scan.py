@@ -28,9 +28,13 @@ _CAP = 64  # candidate slots per query beyond 2 kk; more within e of the kk-th f
 def _default_threads() -> int:
     """RETRIEVAL_SCAN_THREADS if set, else the CPUs this process may run on."""
     try:
-        return max(1, int(os.environ.get("RETRIEVAL_SCAN_THREADS") or len(os.sched_getaffinity(0))))
-    except (ValueError, AttributeError):  # no sched_getaffinity outside Linux
-        return os.cpu_count() or 1
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity outside Linux
+        cpus = os.cpu_count() or 1
+    try:
+        return max(1, int(os.environ.get("RETRIEVAL_SCAN_THREADS") or cpus))
+    except ValueError:
+        return cpus
 
 
 threads = _default_threads()
@@ -53,16 +57,29 @@ def _library(name: str) -> ctypes.CDLL | None:
     return None
 
 
+ABI = 2  # scan_abi_version() of the _scan.c this wrapper calls
+
+
+def _current(lib: ctypes.CDLL | None) -> bool:
+    """Whether lib was built from the _scan.c this wrapper was written for."""
+    version = getattr(lib, "scan_abi_version", None)
+    if version is None:  # not built, or built before the version existed
+        return False
+    version.restype = ctypes.c_int
+    return version() == ABI
+
+
 def _load() -> ctypes.CDLL | None:
-    """The widest build of the scan this CPU runs (setup.py builds one per x86-64 level), typed."""
+    """The widest build of the scan this CPU runs (setup.py builds one per x86-64 level), typed;
+    None where none was built from the current source (reinstall: `make` or `pip install -e .`)."""
     lib = _library("_scan")
-    if lib is None:
+    if not _current(lib):
         return None
     lib.scan_cpu_level.restype = ctypes.c_int
     level = lib.scan_cpu_level()
     for name in [f"_scan_v{v}" for v in (4, 3) if v <= level]:
         wider = _library(name)
-        if wider is not None:
+        if _current(wider):
             lib = wider
             break
     fn = lib.scan_windows

@@ -38,6 +38,9 @@ _BLOCK = 1 << 16  # rows per block of float64 work: keeps its temporaries to a f
 _SCORES = 1 << 24  # float32 scores per query group: bounds the (N, Q) score matrix to 64 MB
 _SPARSE = 8  # an allowed set of at most N / _SPARSE items is gathered instead of masked
 _FUSED_MIN_Q = 2  # queries per call from which the C scan beats the GEMV (one query reads at memory speed)
+# The scan asks for kk + m rows per query with m excluded, and re-ranks all of them: at 200K with
+# 1,000 excluded it took about 3 times as long as the GEMM path, which masks the excluded rows instead.
+_FUSED_MAX_EXCLUDED = 64
 _GROUPS = 256  # selection groups per wanted item: more groups, fewer candidates to scan
 _SCRATCH = threading.local()  # score buffers kept per thread: at most 2 x _SCORES + N floats
 # Weights are relative importances. Within this range each weighted float32 term stays a normal
@@ -168,11 +171,19 @@ def search(
     e = 2 * _error_bound(store, q, sel, w)
 
     windows = _windows_torch if store.backend == "torch" else _windows_numpy
-    group = max(1, _SCORES // (len(store) if rows is None else max(len(rows), 1)))
+    # The C scan keeps no score matrix, so all queries go to it at once; the GEMM path (and the
+    # scan's fallback) takes groups whose (n, Q) scores stay within _SCORES floats.
+    fused = None
+    if _scan_fits(store, q, kk, excl):
+        fused = _windows_fused(store, q, sel, w, rows, mask, local_excl, kk, e)
+    n_scanned = len(store) if rows is None else max(len(rows), 1)
+    group = len(q) if fused is not None else max(1, _SCORES // n_scanned)
     found_ids, found_dist = [], []
     for s in range(0, len(q), group):
         g = slice(s, s + group)
-        if kk[g].max() > 0:
+        if fused is not None:
+            wins = fused
+        elif kk[g].max() > 0:
             wins = windows(store, q[g], sel, w, rows, mask, local_excl[g], kk[g], e[g])
         else:
             wins = [np.empty(0, np.intp)] * len(q[g])
@@ -234,10 +245,6 @@ def _up(r: np.ndarray | float) -> np.ndarray:
 def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray]:
     """Per query, local indices including every float32 score within e of the kk-th smallest."""
     n = len(store) if rows is None else len(rows)
-    if scan.windows is not None and len(q) >= _FUSED_MIN_Q and kk.max() <= scan.MAX_KK:
-        wins = _windows_fused(store, q, sel, w, rows, mask, excl, kk, e)
-        if wins is not None:
-            return wins
     # Scores as (n, Q): X (n, d) @ q.T (d, Q) streams the stored rows once for all queries, where
     # q @ X.T makes OpenBLAS pack all of X first (2 queries cost 4.5 times one, 16 three times
     # this at 200K x 64; docs/benchmarks.md). They start at Σ_c w_c‖x_c‖² and each chunk's GEMM
@@ -274,8 +281,15 @@ def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray
     return _select(acc, kk, e)
 
 
+def _scan_fits(store: ChunkStore, q: np.ndarray, kk: np.ndarray, excl: list[np.ndarray]) -> bool:
+    """Whether the C scan takes these queries: built, numpy backend, a batch, small kk, few exclusions."""
+    m = max(len(p) for p in excl)
+    return (scan.windows is not None and store.backend == "numpy" and len(q) >= _FUSED_MIN_Q
+            and kk.max() > 0 and m <= _FUSED_MAX_EXCLUDED and kk.max() + m <= scan.MAX_KK)
+
+
 def _windows_fused(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray] | None:
-    """_windows_numpy by the C scan (retrieval/scan.py); None where it gave up."""
+    """_windows_numpy by the C scan (retrieval/scan.py), all queries at once; None where it gave up."""
     xs = [store._x[c] if rows is None else store._x[c][rows] for c in sel]
     norms = [store._norms[c] if rows is None else store._norms[c][rows] for c in sel]
     qs = [np.float32(-2.0 * wc) * q[:, c] for c, wc in zip(sel, w)]

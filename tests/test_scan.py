@@ -6,6 +6,7 @@ chunk widths the C code specialises, query tiles with padding, two threads, and 
 """
 import os
 import platform
+import shutil
 from unittest import mock
 
 import numpy as np
@@ -17,9 +18,13 @@ from retrieval.search import ChunkStore, search
 from tests.test_search import assert_matches, brute_force, make_data
 
 
+needs_scan = pytest.mark.skipif(scan.windows is None, reason="the C scan was not built (no C compiler)")
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler to build the scan")
 def test_the_scan_is_built_and_the_widest_build_for_this_cpu_is_loaded():
-    # setup.py builds it optionally (an install without a C compiler still works); here, with gcc,
-    # a silent build failure would leave the core on its slower path
+    # setup.py builds it optionally (an install without a C compiler still works); with one, a
+    # silent build failure would leave the core on its slower path
     assert scan.windows is not None
     level = scan._library("_scan").scan_cpu_level()
     name = scan._lib._name.rsplit("/", 1)[-1]
@@ -37,6 +42,7 @@ def search_both(store, q, chunks, k, **kw):
     return fused, plain
 
 
+@needs_scan
 @pytest.mark.parametrize("dim", [3, 16, 32, 64, 128])
 @pytest.mark.parametrize("n_queries", [2, 7, 16, 40])
 def test_every_chunk_width_and_query_tile_equals_brute_force(dim, n_queries):
@@ -54,21 +60,79 @@ def test_every_chunk_width_and_query_tile_equals_brute_force(dim, n_queries):
         assert_matches(result, expected)
 
 
+@needs_scan
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_rows_split_over_threads_equal_brute_force(monkeypatch, threads):
-    # 40,000 rows are taken 16K at a time by the threads, each with heaps of its own, merged at the end
+    # 140,000 rows are 5 shares of 32K: each thread takes several, keeps its heaps across them,
+    # and the threads' heaps are merged at the end
     rng = np.random.default_rng(5)
-    feats, ids = make_data(rng, 40_000, 2, 16, levels=4)
+    n = 140_000
+    feats, ids = make_data(rng, n, 2, 16, levels=4)
     store = ChunkStore(feats.transpose(1, 0, 2), ids)
     q = rng.standard_normal((5, 2, 16)).astype(np.float32)
-    q[:2] = feats[[7, 39_999]]
-    allowed = rng.random(40_000) < 0.7
+    q[:2] = feats[[7, n - 1]]
+    allowed = rng.random(n) < 0.7
     exclude = np.stack([rng.choice(ids, 6) for _ in q])
     monkeypatch.setattr(scan, "threads", threads)
     result = search(store, q, [1, 0], 25, allowed=allowed, exclude_ids=exclude)
     assert_matches(result, brute_force(feats, ids, q, [1, 0], None, 25, 0, allowed, list(exclude)))
 
 
+def spy_on_scan(monkeypatch) -> list:
+    """Records what each call of the scan was given (query count) and returned."""
+    calls = []
+    real = core.scan.windows
+
+    def spy(xs, norms, w, qs, mask, kk, e):
+        calls.append((len(kk), real(xs, norms, w, qs, mask, kk, e)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(core.scan, "windows", spy)
+    return calls
+
+
+@needs_scan
+def test_all_queries_go_to_one_scan_whatever_the_store_size(monkeypatch):
+    # the GEMM path splits queries so its (n, Q) scores stay within _SCORES floats; the scan keeps
+    # none, so it takes them all at once, and where it gives up the GEMM path splits them again
+    monkeypatch.setattr(core, "_SCORES", 300)  # 2 queries per group at 150 items
+    rng = np.random.default_rng(11)
+    feats, ids = make_data(rng, 150, 2, 4, levels=2)
+    store = ChunkStore(feats.transpose(1, 0, 2), ids)
+    q = rng.standard_normal((9, 2, 4)).astype(np.float32)
+    calls = spy_on_scan(monkeypatch)
+    result = search(store, q, [0, 1], 6)
+    assert [n for n, _ in calls] == [9] and calls[0][1] is not None
+    assert_matches(result, brute_force(feats, ids, q, [0, 1], None, 6, 0, np.ones(150, bool), [[]] * 9))
+
+
+@needs_scan
+def test_many_excluded_ids_take_the_gemm_path(monkeypatch):
+    # the scan would ask for kk + m rows and re-rank them all; the GEMM path masks them instead
+    rng = np.random.default_rng(12)
+    feats, ids = make_data(rng, 3000, 1, 8)
+    store = ChunkStore(feats.transpose(1, 0, 2), ids)
+    q = rng.standard_normal((3, 1, 8)).astype(np.float32)
+    calls = spy_on_scan(monkeypatch)
+    few, many = ids[:core._FUSED_MAX_EXCLUDED], ids[:core._FUSED_MAX_EXCLUDED + 1]
+    for exclude in (few, many):
+        result = search(store, q, [0], 5, exclude_ids=exclude)
+        assert_matches(result, brute_force(feats, ids, q, [0], None, 5, 0, np.ones(3000, bool), [exclude] * 3))
+    assert len(calls) == 1  # only the first
+
+
+def test_a_library_built_from_older_source_is_not_loaded():
+    # an install leaves the compiled scan in the source tree; after a pull that changed
+    # scan_windows' arguments, calling the old one would pass them shifted (a crash)
+    class Library:
+        pass
+
+    old, older = Library(), Library()
+    old.scan_abi_version = lambda: scan.ABI - 1
+    assert not scan._current(old) and not scan._current(older) and not scan._current(None)
+
+
+@needs_scan
 def test_more_ties_than_its_buffers_hold_fall_back_to_numpy():
     # every row is the same vector: all 500 tie with the k-th, more than the 2 kk + 64 rows the
     # scan keeps per query, so it gives up and the numpy path answers, still exactly
@@ -89,6 +153,7 @@ def test_more_ties_than_its_buffers_hold_fall_back_to_numpy():
     assert_matches(result, brute_force(feats, ids, q, [0, 1], None, 5, 0, np.ones(500, bool), [[]] * 3))
 
 
+@needs_scan
 def test_it_refuses_more_wanted_rows_than_allowed():
     x = np.ones((10, 4), np.float32)
     norms = np.full(10, 4, np.float32)
@@ -113,5 +178,6 @@ def test_a_large_k_takes_the_numpy_path():
 def test_threads_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("RETRIEVAL_SCAN_THREADS", "3")
     assert scan._default_threads() == 3
-    monkeypatch.setenv("RETRIEVAL_SCAN_THREADS", "")
-    assert scan._default_threads() == len(os.sched_getaffinity(0))
+    for unset in ("", "many"):
+        monkeypatch.setenv("RETRIEVAL_SCAN_THREADS", unset)
+        assert scan._default_threads() == len(os.sched_getaffinity(0))
