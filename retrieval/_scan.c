@@ -32,7 +32,7 @@ typedef struct {
 
 typedef struct {
     /* shared, read only */
-    int nsel, d, nq, ntiles;
+    int nsel, d, ntiles;
     const float *const *x;
     const float *const *norms;
     const float *wnorm;
@@ -188,7 +188,7 @@ int scan_windows(int nsel, int64_t n, int d, const float *const *x, const float 
     int64_t next = 0;
     for (int t = 0; t < threads; t++) {
         work *w = &ws[t];
-        *w = (work){.nsel = nsel, .d = d, .nq = nq, .ntiles = ntiles, .x = x, .norms = norms, .wnorm = wnorm,
+        *w = (work){.nsel = nsel, .d = d, .ntiles = ntiles, .x = x, .norms = norms, .wnorm = wnorm,
                     .qt = qt, .mask = mask, .kk = kk, .e = e, .n = n, .next = &next};
         w->qs = calloc(nq, sizeof(query_state));
         w->lanes = lanes;

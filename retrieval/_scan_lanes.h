@@ -12,20 +12,26 @@ typedef float VEC __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t VECI __attribute__((vector_size(LANES * sizeof(int32_t))));
 typedef float VECU __attribute__((vector_size(LANES * sizeof(float)), aligned(4))); /* numpy's alignment */
 
+/* acc[r]: chunk c's dot products of row i + r with query tile t, r < rows (8 register chains). */
+static inline __attribute__((always_inline)) void NAME(dots)(const work *w, int c, int t, int64_t i,
+                                                       const int rows, const int d, VEC *acc) {
+    const float *x = w->x[c] + i * d;
+    const VECU *qv = (const VECU *)(w->qt + ((int64_t)t * w->nsel + c) * d * LANES);
+    for (int r = 0; r < rows; r++) acc[r] = (VEC){0};
+    for (int k = 0; k < d; k++) {
+        VEC qk = qv[k];
+        for (int r = 0; r < rows; r++) acc[r] += x[r * d + k] * qk;
+    }
+}
+
 /* Adds chunk c's dot products of rows [i, i + rows) to their scores in buf (row j of the block at
  * buf[(t * BLOCK + j) * LANES], query tile t), or starts them from base on the first chunk. */
 static inline __attribute__((always_inline)) void NAME(chunk_tile)(const work *w, int c, int64_t i, int j,
                                                              const int rows, const int d, VEC *buf,
                                                              const float *base, int first) {
-    const float *xc = w->x[c] + i * d;
     for (int t = 0; t < w->ntiles; t++) {
-        const VECU *qv = (const VECU *)(w->qt + ((int64_t)t * w->nsel + c) * d * LANES);
         VEC acc[ROWS];
-        for (int r = 0; r < rows; r++) acc[r] = (VEC){0};
-        for (int k = 0; k < d; k++) {
-            VEC qk = qv[k];
-            for (int r = 0; r < rows; r++) acc[r] += xc[r * d + k] * qk;
-        }
+        NAME(dots)(w, c, t, i, rows, d, acc);
         VEC *out = buf + (size_t)t * BLOCK + j;
         for (int r = 0; r < rows; r++) out[r] = first ? acc[r] + base[j + r] : out[r] + acc[r];
     }
@@ -55,15 +61,9 @@ static inline __attribute__((always_inline)) void NAME(compare_tile)(work *w, in
 /* One chosen chunk: the scores of rows [i, i + rows) (block row j) never leave the registers. */
 static inline __attribute__((always_inline)) void NAME(single_tile)(work *w, int64_t i, int j, const int rows,
                                                               const int d, const float *base) {
-    const float *x = w->x[0] + i * d;
     for (int t = 0; t < w->ntiles; t++) {
-        const VECU *qv = (const VECU *)(w->qt + (int64_t)t * d * LANES);
         VEC acc[ROWS];
-        for (int r = 0; r < rows; r++) acc[r] = (VEC){0};
-        for (int k = 0; k < d; k++) {
-            VEC qk = qv[k];
-            for (int r = 0; r < rows; r++) acc[r] += x[r * d + k] * qk;
-        }
+        NAME(dots)(w, 0, t, i, rows, d, acc);
         for (int r = 0; r < rows; r++) acc[r] += base[j + r];
         NAME(compare_tile)(w, t, i, rows, acc);
     }

@@ -22,8 +22,8 @@ _SYMBOLS = (("scipy_cblas_sgemm64_", ctypes.c_int64), ("cblas_sgemm64_", ctypes.
             ("scipy_cblas_sgemm", ctypes.c_int32), ("cblas_sgemm", ctypes.c_int32))
 
 
-def _numpy_openblas() -> ctypes.CDLL | None:
-    """The OpenBLAS library numpy uses, loaded; None if numpy links another BLAS."""
+def _numpy_openblas() -> Callable | None:
+    """The cblas_sgemm of the OpenBLAS numpy uses, wrapped for gemm_add; None if there is none."""
     from threadpoolctl import threadpool_info
 
     numpy = os.path.dirname(np.__file__)  # its wheel's OpenBLAS lies beside it, in numpy.libs
@@ -31,22 +31,17 @@ def _numpy_openblas() -> ctypes.CDLL | None:
         if lib.get("internal_api") != "openblas" or not lib["filepath"].startswith(numpy):
             continue
         try:
-            return ctypes.CDLL(lib["filepath"])
+            dll = ctypes.CDLL(lib["filepath"])
         except OSError:
             return None
-    return None
-
-
-def _sgemm_of(dll: ctypes.CDLL | None) -> Callable | None:
-    """dll's cblas_sgemm, typed for gemm_add; None if it has none."""
-    for name, integer in _SYMBOLS if dll is not None else ():
-        fn = getattr(dll, name, None)
-        if fn is not None:
-            f32p = ctypes.POINTER(ctypes.c_float)
-            fn.restype = None
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, ctypes.c_float,
-                           f32p, integer, f32p, integer, ctypes.c_float, f32p, integer]
-            return fn
+        for name, integer in _SYMBOLS:
+            fn = getattr(dll, name, None)
+            if fn is not None:
+                f32p = ctypes.POINTER(ctypes.c_float)
+                fn.restype = None
+                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, ctypes.c_float,
+                               f32p, integer, f32p, integer, ctypes.c_float, f32p, integer]
+                return fn
     return None
 
 
@@ -65,6 +60,5 @@ def _wrap(sgemm: Callable) -> Callable[[np.ndarray, np.ndarray, np.ndarray], Non
     return gemm_add
 
 
-_dll = _numpy_openblas()
-_sgemm = _sgemm_of(_dll)
+_sgemm = _numpy_openblas()
 gemm_add = _wrap(_sgemm) if _sgemm is not None else None

@@ -110,11 +110,9 @@ def _wrap(lib: ctypes.CDLL) -> Callable:
         nq = len(kk)
         lanes = next((v for v in LANES if nq <= v), LANES[-1])
         tiles = -(-nq // lanes)
-        qt = np.zeros((tiles, len(xs), d, lanes), np.float32)  # per tile and chunk, dimension-major
-        for c, qc in enumerate(qs):
-            pad = np.zeros((tiles * lanes, d), np.float32)
-            pad[:nq] = qc
-            qt[:, c] = pad.reshape(tiles, lanes, d).transpose(0, 2, 1)
+        padded = np.zeros((tiles * lanes, len(xs), d), np.float32)  # queries padded to whole tiles
+        padded[:nq] = np.stack(qs, axis=1)
+        qt = np.ascontiguousarray(padded.reshape(tiles, lanes, len(xs), d).transpose(0, 2, 3, 1))  # dimension-major
         kk = np.ascontiguousarray(kk, np.int64)
         e = np.ascontiguousarray(e, np.float64)
         wnorm = np.asarray(w, np.float32)
@@ -128,7 +126,7 @@ def _wrap(lib: ctypes.CDLL) -> Callable:
                       out.ctypes.data, count.ctypes.data)
         if status != 0 or count.max() > cap:
             return None
-        return [np.sort(out[i, :count[i]]) for i in range(nq)]
+        return [out[i, :count[i]] for i in range(nq)]
 
     return windows
 
