@@ -7,8 +7,9 @@ Grammar, one token per layer, joined by '-':
   p                   max pooling, kernel 3, stride 2
   r({h},{w},{c})      reshape to h x w with c channels
   u                   nearest upsampling by 2
-  b{n}                spatial broadcast (Watters et al. 2019): tile a vector over an n x n map and
-                      append two coordinate channels in [-1, 1]
+  b{n}[t{ch}]         spatial broadcast (Watters et al. 2019): tile a vector over an n x n map and
+                      append two coordinate channels in [-1, 1]; t{ch} appends ch more channels,
+                      a dense layer of the vector laid out as an n x n map (position-specific)
   xy                  append the two coordinate channels to a map (CoordConv, Liu et al. 2018)
 Sizes are never computed by hand: `build` runs a dummy tensor through each layer as it is added.
 """
@@ -60,6 +61,7 @@ class Upsample:
 @dataclass(frozen=True)
 class Broadcast:
     size: int
+    templates: int = 0  # channels of a position-specific dense map next to the tiled vector
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ Spec = Conv | Deconv | Dense | Pool | Reshape | Upsample | Broadcast | Coords
 
 _CONV = re.compile(r"([cd])([1-9]\d*)(?:k([1-9]\d*))?(?:s([1-9]\d*))?")
 _DENSE = re.compile(r"f([1-9]\d*)?")
-_BROADCAST = re.compile(r"b([1-9]\d*)")
+_BROADCAST = re.compile(r"b([1-9]\d*)(?:t([1-9]\d*))?")
 _RESHAPE = re.compile(r"r\(([1-9]\d*),([1-9]\d*),([1-9]\d*)\)")
 
 
@@ -89,7 +91,7 @@ def parse(text: str) -> tuple[Spec, ...]:
         elif m := _RESHAPE.fullmatch(token):
             specs.append(Reshape(int(m[1]), int(m[2]), int(m[3])))
         elif m := _BROADCAST.fullmatch(token):
-            specs.append(Broadcast(int(m[1])))
+            specs.append(Broadcast(int(m[1]), int(m[2] or 0)))
         elif token == "xy":
             specs.append(Coords())
         elif token == "p":
@@ -112,7 +114,7 @@ def _format_one(spec: Spec) -> str:
     if isinstance(spec, Reshape):
         return f"r({spec.height},{spec.width},{spec.channels})"
     if isinstance(spec, Broadcast):
-        return f"b{spec.size}"
+        return f"b{spec.size}" + (f"t{spec.templates}" if spec.templates else "")
     if isinstance(spec, Coords):
         return "xy"
     return "p" if isinstance(spec, Pool) else "u"
@@ -169,12 +171,19 @@ class SpatialBroadcast(AppendCoordinates):
     coordinates. A position factor can then be one number the following convolutions compare
     with the coordinates, instead of a pattern the decoder must learn to draw at every place."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, in_features: int = 0, templates: int = 0):
         super().__init__(size, size)
-        self.size = size
+        self.size, self.templates = size, templates
+        # a tiled vector draws every place with the same weights, which learns to draw slowly
+        # (docs/results.md); the dense map adds weights of each place's own, as a DCGAN decoder has
+        self.dense = nn.Linear(in_features, templates * size * size) if templates else None
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return super().forward(f.flatten(1)[:, :, None, None].expand(-1, -1, self.size, self.size))
+        f = f.flatten(1)
+        x = super().forward(f[:, :, None, None].expand(-1, -1, self.size, self.size))
+        if self.dense is None:
+            return x
+        return torch.cat([x, self.dense(f).view(-1, self.templates, self.size, self.size)], 1)
 
 
 def _layer(spec: Spec, x: torch.Tensor, out_units: int) -> nn.Module:
@@ -194,7 +203,7 @@ def _layer(spec: Spec, x: torch.Tensor, out_units: int) -> nn.Module:
     if isinstance(spec, Broadcast):
         if x.dim() != 2:
             raise ValueError(f"b{spec.size} broadcasts a vector, not a {tuple(x.shape[1:])} map")
-        return SpatialBroadcast(spec.size)
+        return SpatialBroadcast(spec.size, x.shape[1], spec.templates)
     if isinstance(spec, Coords):
         if x.dim() != 4:
             raise ValueError(f"xy appends coordinates to a map, not to a {tuple(x.shape[1:])} vector")

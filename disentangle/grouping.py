@@ -127,9 +127,13 @@ def regroup(model, cfg: ModelConfig, groups: list[list[int]]):
     if sorted(c for g in groups for c in g) != list(range(cfg.n_chunks)):
         raise RetrievalError(f"chunk groups {groups} must hold each of the {cfg.n_chunks} chunks once")
     new_cfg = grouped_config(cfg, groups)
-    last, first = _parametric(model.encoder.net)[-1], _parametric(model.decoder.net)[0]
+    opening = model.decoder.net[0]
+    templates = opening.dense if isinstance(opening, SpatialBroadcast) else None
+    last = _parametric(model.encoder.net)[-1]
+    first = next(m for m in _parametric(model.decoder.net) if m is not templates)
     # a broadcast decoder's first convolution reads the feature's channels, then two coordinates
-    broadcast = isinstance(model.decoder.net[0], SpatialBroadcast) and isinstance(first, nn.Conv2d)
+    # (then the template channels, whose dense layer reads the feature too)
+    broadcast = isinstance(opening, SpatialBroadcast) and isinstance(first, nn.Conv2d)
     if not isinstance(last, nn.Linear) or not (broadcast or isinstance(first, (nn.Linear, nn.ConvTranspose2d))):
         raise RetrievalError(f"{cfg.name}: grouping chunks needs an encoder that ends and a decoder that "
                              "starts with a fully connected layer (or a 1x1 deconvolution, or a broadcast)")
@@ -148,11 +152,15 @@ def regroup(model, cfg: ModelConfig, groups: list[list[int]]):
     if isinstance(first, nn.Linear):                                  # (out, in)
         dec_w = first.weight.new_zeros((first.weight.shape[0], size))
         dec_w[:, place] = first.weight.detach()
-    elif broadcast:                                                   # (out, in + 2, kH, kW)
+    elif broadcast:                                                   # (out, in + 2 [+ t], kH, kW)
         w, learned = first.weight.detach(), cfg.feature_dim
-        dec_w = w.new_zeros((w.shape[0], size + 2, *w.shape[2:]))
+        dec_w = w.new_zeros((w.shape[0], size + w.shape[1] - learned, *w.shape[2:]))
         dec_w[:, place] = w[:, :learned]
         dec_w[:, size:] = w[:, learned:]
+        if templates is not None:                                     # (t * n * n, in)
+            t_w = templates.weight.new_zeros((templates.weight.shape[0], size))
+            t_w[:, place] = templates.weight.detach()
+            state[names[id(templates.weight)]] = t_w
     else:                                                             # (in, out, kH, kW)
         dec_w = first.weight.new_zeros((size, *first.weight.shape[1:]))
         dec_w[place] = first.weight.detach()

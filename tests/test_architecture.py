@@ -40,6 +40,23 @@ def test_broadcast_tiles_the_vector_and_appends_coordinates():
             assert out[2, 8, i, j].item() == pytest.approx(-1 + 2 * i / 4)  # row coordinate
 
 
+def test_broadcast_with_templates_appends_a_dense_map_per_position():
+    assert arch.parse("b8t64") == (arch.Broadcast(8, 64),)
+    assert arch.format(arch.parse("b8t64-c64")) == "b8t64-c64"
+    layer = arch.SpatialBroadcast(5, 7, templates=3)
+    f = torch.randn(2, 7)
+    out = layer(f)
+    assert out.shape == (2, 12, 5, 5)
+    assert torch.equal(out[:, :9], arch.SpatialBroadcast(5)(f))  # the plain broadcast first
+    # then channel t at row i, column j is the dense layer's output t * 25 + i * 5 + j (float64 check)
+    w, b = layer.dense.weight.double(), layer.dense.bias.double()
+    expected = (f.double() @ w.T + b).view(2, 3, 5, 5)
+    assert torch.allclose(out[:, 9:].double(), expected, atol=1e-6)
+    net, shape = arch.build(arch.parse("b4t2-c3"), (6,), 3, norm="none", activation="relu",
+                            final_activation="none")
+    assert shape == (3, 4, 4) and net[0].dense.in_features == 6
+
+
 def test_coordinates_are_appended_to_a_map():
     net, out = arch.build(arch.parse("xy-c4"), (3, 4, 6), 4, norm="none", activation="relu",
                           final_activation="none")
@@ -68,7 +85,7 @@ def test_broadcast_of_a_map_is_an_error():
 
 
 @pytest.mark.parametrize("bad", ["c64k3s2-x3", "c64K3", "c64k3s2s2", "c0", "f0", "r(8,8)", "c64-",
-                                 "", "c64 k3", "pp", "c64k03", "b0", "b", "b4x", "xy2", "yx"])
+                                 "", "c64 k3", "pp", "c64k03", "b0", "b", "b4x", "b4t0", "b4t", "xy2", "yx"])
 def test_parse_rejects_bad_tokens(bad):
     with pytest.raises(ValueError) as e:
         arch.parse(bad)

@@ -70,15 +70,17 @@ def test_a_high_ratio_keeps_every_chunk_alone():
 
 # a decoder that opens with a spatial broadcast: its first convolution also reads two coordinates
 BROADCAST = replace(PRESETS["tiny"], name="tiny-broadcast", decoder="b4-c8k3-d8k4s2-d3k2s2")
+# ... and with template channels, a dense layer of the feature laid out as a map
+TEMPLATES = replace(PRESETS["tiny"], name="tiny-templates", decoder="b4t3-c8k3-d8k4s2-d3k2s2")
 
 
 def _random_model(preset: str, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = BROADCAST if preset == BROADCAST.name else PRESETS[preset]
+    cfg = {c.name: c for c in (BROADCAST, TEMPLATES)}.get(preset) or PRESETS[preset]
     return MixingAutoencoder(cfg).eval(), cfg
 
 
-@pytest.mark.parametrize("preset", ["tiny", "sprites-cpu", BROADCAST.name])
+@pytest.mark.parametrize("preset", ["tiny", "sprites-cpu", BROADCAST.name, TEMPLATES.name])
 def test_regrouped_networks_compute_the_same_images(preset):
     model, cfg = _random_model(preset)
     n = cfg.n_chunks
