@@ -335,6 +335,8 @@ BUDGET = {
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name hyb-data --cfg '{\"decoder\": "
     "\"b8t64-c128-c64k3-c64k3-d32k4s2-d3k2s2\", \"lambda_m\": 10, \"lambda_rec\": 10, \"critic_real\": \"data\"}' "
     "--seeds 0 --steps 4000": "--steps 2 --images 200",
+    "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name xcov10 --cfg '{\"lambda_xcov\": 10}' --seeds 0 "
+    "--steps 4000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name z1-g8-s0 --tc '{\"seed\": 0, \"mask\": \"per-group\", "
     "\"mask_groups\": 8}' --minutes 20 --eval-every 10 --eval-queries 2000": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name e2 --preset shapes --cfg "
