@@ -119,6 +119,17 @@ def _parametric(net: nn.Module) -> list[nn.Module]:
     return [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
 
 
+def _inputs_moved(w: torch.Tensor, place: torch.Tensor, size: int) -> torch.Tensor:
+    """A layer's weight (out, in, ...) whose first len(place) inputs are the feature's numbers,
+    with those inputs moved to `place` in a feature of `size` numbers (padding inputs 0) and any
+    inputs after them (a broadcast's coordinates and templates) kept last, in order."""
+    learned = len(place)
+    out = w.new_zeros((w.shape[0], size + w.shape[1] - learned, *w.shape[2:]))
+    out[:, place] = w[:, :learned]
+    out[:, size:] = w[:, learned:]
+    return out
+
+
 def regroup(model, cfg: ModelConfig, groups: list[list[int]]):
     """The same encoder and decoder with the feature laid out one chunk per group: the encoder's
     last layer's outputs and the decoder's first layer's inputs are moved (padding rows and
@@ -149,18 +160,10 @@ def regroup(model, cfg: ModelConfig, groups: list[list[int]]):
         enc_b = last.bias.new_zeros(size)
         enc_b[place] = last.bias.detach()
         state[names[id(last.bias)]] = enc_b
-    if isinstance(first, nn.Linear):                                  # (out, in)
-        dec_w = first.weight.new_zeros((first.weight.shape[0], size))
-        dec_w[:, place] = first.weight.detach()
-    elif broadcast:                                                   # (out, in + 2 [+ t], kH, kW)
-        w, learned = first.weight.detach(), cfg.feature_dim
-        dec_w = w.new_zeros((w.shape[0], size + w.shape[1] - learned, *w.shape[2:]))
-        dec_w[:, place] = w[:, :learned]
-        dec_w[:, size:] = w[:, learned:]
+    if isinstance(first, nn.Linear) or broadcast:                     # (out, in [+ 2 + t], kH, kW)
+        dec_w = _inputs_moved(first.weight.detach(), place, size)
         if templates is not None:                                     # (t * n * n, in)
-            t_w = templates.weight.new_zeros((templates.weight.shape[0], size))
-            t_w[:, place] = templates.weight.detach()
-            state[names[id(templates.weight)]] = t_w
+            state[names[id(templates.weight)]] = _inputs_moved(templates.weight.detach(), place, size)
     else:                                                             # (in, out, kH, kW)
         dec_w = first.weight.new_zeros((size, *first.weight.shape[1:]))
         dec_w[place] = first.weight.detach()
