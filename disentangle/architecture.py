@@ -5,6 +5,8 @@ Grammar, one token per layer, joined by '-':
   d{ch}[k{k}][s{s}]   transposed convolution
   f[{units}]          fully connected; a bare 'f' is the network's output size
   p                   max pooling, kernel 3, stride 2
+  g                   global average pooling: a map -> one vector of its channels, the same
+                      wherever on the map a pattern lies (translation invariant)
   r({h},{w},{c})      reshape to h x w with c channels
   u                   nearest upsampling by 2
   b{n}[t{ch}]         spatial broadcast (Watters et al. 2019): tile a vector over an n x n map and
@@ -47,6 +49,11 @@ class Pool:
 
 
 @dataclass(frozen=True)
+class GlobalPool:
+    pass
+
+
+@dataclass(frozen=True)
 class Reshape:
     height: int
     width: int
@@ -69,7 +76,7 @@ class Coords:
     pass
 
 
-Spec = Conv | Deconv | Dense | Pool | Reshape | Upsample | Broadcast | Coords
+Spec = Conv | Deconv | Dense | Pool | GlobalPool | Reshape | Upsample | Broadcast | Coords
 
 _CONV = re.compile(r"([cd])([1-9]\d*)(?:k([1-9]\d*))?(?:s([1-9]\d*))?")
 _DENSE = re.compile(r"f([1-9]\d*)?")
@@ -96,6 +103,8 @@ def parse(text: str) -> tuple[Spec, ...]:
             specs.append(Coords())
         elif token == "p":
             specs.append(Pool())
+        elif token == "g":
+            specs.append(GlobalPool())
         elif token == "u":
             specs.append(Upsample())
         else:
@@ -117,6 +126,8 @@ def _format_one(spec: Spec) -> str:
         return f"b{spec.size}" + (f"t{spec.templates}" if spec.templates else "")
     if isinstance(spec, Coords):
         return "xy"
+    if isinstance(spec, GlobalPool):
+        return "g"
     return "p" if isinstance(spec, Pool) else "u"
 
 
@@ -200,6 +211,10 @@ def _layer(spec: Spec, x: torch.Tensor, out_units: int) -> nn.Module:
         return nn.Sequential(nn.Flatten(), linear) if x.dim() > 2 else linear
     if isinstance(spec, Pool):
         return nn.MaxPool2d(3, 2, padding=1)
+    if isinstance(spec, GlobalPool):
+        if x.dim() != 4:
+            raise ValueError(f"g pools a map, not a {tuple(x.shape[1:])} vector")
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     if isinstance(spec, Broadcast):
         if x.dim() != 2:
             raise ValueError(f"b{spec.size} broadcasts a vector, not a {tuple(x.shape[1:])} map")

@@ -26,6 +26,8 @@ def test_parse_reads_each_field():
     assert arch.format(arch.parse("b8-c64-d3k2s2")) == "b8-c64-d3k2s2"
     assert arch.parse("xy-c16k3s2-f") == (arch.Coords(), arch.Conv(16, 3, 2), arch.Dense(None))
     assert arch.format(arch.parse("xy-c16k3s2-f")) == "xy-c16k3s2-f"
+    assert arch.parse("c8-g-f") == (arch.Conv(8), arch.GlobalPool(), arch.Dense(None))
+    assert arch.format(arch.parse("c8-g-f")) == "c8-g-f"
 
 
 def test_broadcast_tiles_the_vector_and_appends_coordinates():
@@ -72,6 +74,19 @@ def test_coordinates_are_appended_to_a_map():
         arch.build(arch.parse("f8-xy"), (3,), 3, norm="none", activation="relu", final_activation="none")
 
 
+def test_global_pool_averages_each_channel_wherever_the_pattern_lies():
+    net, out = arch.build(arch.parse("g-f"), (3, 4, 5), 2, norm="none", activation="relu",
+                          final_activation="none")
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    pooled = net.double()[0](x)
+    assert out == (2,) and pooled.shape == (2, 3)
+    assert torch.allclose(pooled, x.mean(dim=(2, 3)))  # a float64 mean over every place
+    shifted = torch.roll(x, shifts=(1, 2), dims=(2, 3))  # the same values elsewhere on the map
+    assert torch.allclose(net(shifted), net(x))
+    with pytest.raises(ValueError, match="pools a map"):
+        arch.build(arch.parse("f8-g"), (3,), 3, norm="none", activation="relu", final_activation="none")
+
+
 def test_broadcast_decoder_reads_the_chunks():
     cfg = replace(PRESETS["shapes"], decoder="b8-c64-c64k3-d32k4s2-d3k2s2")
     dec = Decoder(cfg)
@@ -85,7 +100,7 @@ def test_broadcast_of_a_map_is_an_error():
 
 
 @pytest.mark.parametrize("bad", ["c64k3s2-x3", "c64K3", "c64k3s2s2", "c0", "f0", "r(8,8)", "c64-",
-                                 "", "c64 k3", "pp", "c64k03", "b0", "b", "b4x", "b4t0", "b4t", "xy2", "yx"])
+                                 "", "c64 k3", "pp", "c64k03", "b0", "b", "b4x", "b4t0", "b4t", "xy2", "yx", "g2", "gg"])
 def test_parse_rejects_bad_tokens(bad):
     with pytest.raises(ValueError) as e:
         arch.parse(bad)
