@@ -36,6 +36,25 @@ class Encoder(nn.Module):
         return f if self.used is None else f * self.used
 
 
+def affine_head(features: int, hidden: int = 64) -> nn.Sequential:
+    """Feature -> the 6 numbers of a 2x3 affine map, starting at the identity (last layer's
+    weights 0), so that a new decoder draws as it would without the warp."""
+    head = nn.Sequential(nn.Linear(features, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 6))
+    nn.init.zeros_(head[2].weight)
+    with torch.no_grad():
+        head[2].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
+    return head
+
+
+def warped(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Resample (B, C, H, W) images through (B, 2, 3) affine maps of output to input coordinates
+    (a spatial transformer, Jaderberg et al. 2015; [-1, 1] coordinates of pixel centres, so the
+    identity returns the images unchanged), bilinearly; places mapped outside take the nearest
+    border pixel, the background's colour where the object does not touch the border."""
+    grid = nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return nn.functional.grid_sample(images, grid, padding_mode="border", align_corners=False)
+
+
 class Decoder(nn.Module):
     """Feature (B, n_chunks, chunk_dim) -> image (B, 3, H, W) in [-1, 1]."""
 
@@ -50,10 +69,15 @@ class Decoder(nn.Module):
         expected = (3, cfg.image_size, cfg.image_size)
         if out != expected:
             raise ValueError(f"{cfg.name}: decoder gives {out}, expected {expected}")
+        # ModelConfig.warp: a few numbers of the feature place, size and turn the drawn image
+        self.warp = affine_head(cfg.feature_dim) if cfg.warp else None
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         f = f.flatten(1)  # (B, chunks * dim)
-        return self.net(f[:, :, None, None] if self.as_map else f)
+        x = self.net(f[:, :, None, None] if self.as_map else f)
+        if self.warp is None:
+            return x
+        return warped(x, self.warp(f).view(-1, 2, 3))
 
 
 class Discriminator(nn.Module):

@@ -72,15 +72,20 @@ def test_a_high_ratio_keeps_every_chunk_alone():
 BROADCAST = replace(PRESETS["tiny"], name="tiny-broadcast", decoder="b4-c8k3-d8k4s2-d3k2s2")
 # ... and with template channels, a dense layer of the feature laid out as a map
 TEMPLATES = replace(PRESETS["tiny"], name="tiny-templates", decoder="b4t3-c8k3-d8k4s2-d3k2s2")
+# ... and with the warp, whose head reads the feature too
+WARP = replace(PRESETS["tiny"], name="tiny-warp", warp=True)
 
 
 def _random_model(preset: str, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = {c.name: c for c in (BROADCAST, TEMPLATES)}.get(preset) or PRESETS[preset]
-    return MixingAutoencoder(cfg).eval(), cfg
+    cfg = {c.name: c for c in (BROADCAST, TEMPLATES, WARP)}.get(preset) or PRESETS[preset]
+    model = MixingAutoencoder(cfg).eval()
+    if cfg.warp:  # a new head maps every feature to the identity: give it weights that read it
+        torch.nn.init.normal_(model.decoder.warp[2].weight, std=0.1)
+    return model, cfg
 
 
-@pytest.mark.parametrize("preset", ["tiny", "sprites-cpu", BROADCAST.name, TEMPLATES.name])
+@pytest.mark.parametrize("preset", ["tiny", "sprites-cpu", BROADCAST.name, TEMPLATES.name, WARP.name])
 def test_regrouped_networks_compute_the_same_images(preset):
     model, cfg = _random_model(preset)
     n = cfg.n_chunks

@@ -270,3 +270,38 @@ def test_chunk_widths_must_fit_the_chunks():
             replace(PRESETS["tiny"], chunk_widths=bad)
     cfg = replace(PRESETS["tiny"], chunk_widths=[2] * 8)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # a checkpoint's JSON round trip
+
+
+def test_a_new_warp_draws_what_the_decoder_draws():
+    """ModelConfig.warp: the head starts at the identity map, and resampling pixel centres at
+    themselves returns each pixel, so a new decoder with the warp draws the same images."""
+    torch.manual_seed(3)
+    decoder = MixingAutoencoder(replace(PRESETS["tiny"], warp=True)).decoder.eval()
+    f = torch.randn(4, 8, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(f), decoder.net(f.flatten(1)[:, :, None, None]), rtol=0, atol=1e-6)
+
+
+def test_warp_shifts_and_turns_by_whole_pixels():
+    """The sampling against index arithmetic in numpy: a shift by two pixels repeats the border
+    pixel, a quarter turn moves pixel (r, c) of the output to (c, W - 1 - r) of the input."""
+    import numpy as np
+
+    from disentangle.model import warped
+
+    img = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    a = img.numpy()
+    shift = torch.tensor([[1.0, 0.0, 2 * 2 / 6], [0.0, 1.0, 0.0]]).expand(2, 2, 3)
+    cols = np.minimum(np.arange(6) + 2, 5)
+    np.testing.assert_allclose(warped(img, shift).numpy(), a[:, :, :, cols], rtol=0, atol=1e-6)
+    turn = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]]).expand(2, 2, 3)
+    r, c = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
+    np.testing.assert_allclose(warped(img, turn).numpy(), a[:, :, c, 5 - r], rtol=0, atol=1e-6)
+
+
+def test_the_warp_head_learns_from_the_image_error():
+    model = MixingAutoencoder(replace(PRESETS["tiny"], warp=True), ("rec",))
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    ((model.decoder(model.encoder(x)) - x) ** 2).mean().backward()
+    assert model.decoder.warp[2].weight.grad.abs().sum() > 0
+    assert model.decoder.warp[0].weight.grad is not None  # zero at the start: the last layer is 0
