@@ -13,6 +13,8 @@ Grammar, one token per layer, joined by '-':
                       append two coordinate channels in [-1, 1]; t{ch} appends ch more channels,
                       a dense layer of the vector laid out as an n x n map (position-specific)
   xy                  append the two coordinate channels to a map (CoordConv, Liu et al. 2018)
+  w                   (decoders only) resample the map through an affine map that the decoder
+                      predicts from the feature: a spatial transformer (Jaderberg et al. 2015)
 Sizes are never computed by hand: `build` runs a dummy tensor through each layer as it is added.
 """
 from __future__ import annotations
@@ -76,7 +78,12 @@ class Coords:
     pass
 
 
-Spec = Conv | Deconv | Dense | Pool | GlobalPool | Reshape | Upsample | Broadcast | Coords
+@dataclass(frozen=True)
+class Warp:
+    pass
+
+
+Spec = Conv | Deconv | Dense | Pool | GlobalPool | Reshape | Upsample | Broadcast | Coords | Warp
 
 _CONV = re.compile(r"([cd])([1-9]\d*)(?:k([1-9]\d*))?(?:s([1-9]\d*))?")
 _DENSE = re.compile(r"f([1-9]\d*)?")
@@ -105,6 +112,8 @@ def parse(text: str) -> tuple[Spec, ...]:
             specs.append(Pool())
         elif token == "g":
             specs.append(GlobalPool())
+        elif token == "w":
+            specs.append(Warp())
         elif token == "u":
             specs.append(Upsample())
         else:
@@ -128,6 +137,8 @@ def _format_one(spec: Spec) -> str:
         return "xy"
     if isinstance(spec, GlobalPool):
         return "g"
+    if isinstance(spec, Warp):
+        return "w"
     return "p" if isinstance(spec, Pool) else "u"
 
 
@@ -177,6 +188,14 @@ class AppendCoordinates(nn.Module):
         return torch.cat([x, self.coords.expand(x.shape[0], -1, -1, -1)], 1)
 
 
+class WarpSlot(nn.Module):
+    """Where a decoder resamples its map (`w`); the affine map comes from the feature, which
+    only the decoder holds (disentangle/model.py), so on its own the slot passes the map on."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
 class SpatialBroadcast(AppendCoordinates):
     """(B, C) -> (B, C + 2, n, n): the vector at every position, then the column and row
     coordinates. A position factor can then be one number the following convolutions compare
@@ -219,6 +238,10 @@ def _layer(spec: Spec, x: torch.Tensor, out_units: int) -> nn.Module:
         if x.dim() != 2:
             raise ValueError(f"b{spec.size} broadcasts a vector, not a {tuple(x.shape[1:])} map")
         return SpatialBroadcast(spec.size, x.shape[1], spec.templates)
+    if isinstance(spec, Warp):
+        if x.dim() != 4:
+            raise ValueError(f"w warps a map, not a {tuple(x.shape[1:])} vector")
+        return WarpSlot()
     if isinstance(spec, Coords):
         if x.dim() != 4:
             raise ValueError(f"xy appends coordinates to a map, not to a {tuple(x.shape[1:])} vector")
@@ -229,12 +252,15 @@ def _layer(spec: Spec, x: torch.Tensor, out_units: int) -> nn.Module:
 
 
 def build(specs: tuple[Spec, ...], in_shape: tuple[int, ...], out_units: int, *, norm: str,
-          activation: str, final_activation: str) -> tuple[nn.Sequential, tuple[int, ...]]:
+          activation: str, final_activation: str, warp: bool = False) -> tuple[nn.Sequential, tuple[int, ...]]:
     """Layers for `specs` on inputs of `in_shape` (no batch dim); returns them and the output shape.
 
     Every conv/deconv/dense layer but the last is followed by its normalization (convolutions only)
-    and `activation`; the last one by `final_activation` alone.
+    and `activation`; the last one by `final_activation` alone. `w` only where `warp` allows it
+    (a decoder, which supplies the affine map).
     """
+    if not warp and any(isinstance(s, Warp) for s in specs):
+        raise ValueError(f"{format(specs)!r}: w warps a decoder's map; only a decoder can use it")
     weighted = [i for i, s in enumerate(specs) if isinstance(s, (Conv, Deconv, Dense))]
     if not weighted:
         raise ValueError(f"{format(specs)!r} has no weighted layer")

@@ -66,11 +66,6 @@ class ModelConfig:
     # Set on the config a grouped model is served with (never trained with): the learned chunks
     # each of its chunks holds, in order.
     chunk_groups: tuple[tuple[int, ...], ...] = ()
-    # Not in the paper: the decoder's image is resampled through an affine map that a small
-    # head predicts from the feature (a spatial transformer, Jaderberg et al. 2015), so where
-    # the object lies, its size and its turn can be a few numbers of some chunks, while the
-    # decoder draws it in a frame of its own (docs/results.md, "A decoder that warps").
-    warp: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "chunk_widths", tuple(self.chunk_widths))  # JSON gives a list

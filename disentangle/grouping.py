@@ -169,7 +169,7 @@ def regroup(model, cfg: ModelConfig, groups: list[list[int]]):
         dec_w[place] = first.weight.detach()
     state[names[id(first.weight)]] = dec_w
     if model.decoder.warp is not None:                                # its head reads the feature too
-        head = model.decoder.warp[0]
+        head = model.decoder.warp.head[0]
         state[names[id(head.weight)]] = _inputs_moved(head.weight.detach(), place, size)
     grouped.load_state_dict(state)
     return grouped.to(next(model.parameters()).device).eval(), new_cfg

@@ -36,14 +36,19 @@ class Encoder(nn.Module):
         return f if self.used is None else f * self.used
 
 
-def affine_head(features: int, hidden: int = 64) -> nn.Sequential:
-    """Feature -> the 6 numbers of a 2x3 affine map, starting at the identity (last layer's
-    weights 0), so that a new decoder draws as it would without the warp."""
-    head = nn.Sequential(nn.Linear(features, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 6))
-    nn.init.zeros_(head[2].weight)
-    with torch.no_grad():
-        head[2].bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
-    return head
+class AffineWarp(nn.Module):
+    """Feature -> a 2x3 affine map: the identity plus a small head's output, whose last layer
+    starts at 0, so that a new decoder draws as it would without the warp."""
+
+    def __init__(self, features: int, hidden: int = 64):
+        super().__init__()
+        self.head = nn.Sequential(nn.Linear(features, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 6))
+        nn.init.zeros_(self.head[2].weight)
+        nn.init.zeros_(self.head[2].bias)
+        self.register_buffer("identity", torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), persistent=False)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.identity + self.head(f.flatten(1)).view(-1, 2, 3)
 
 
 def warped(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -64,20 +69,24 @@ class Decoder(nn.Module):
         # a decoder that opens with a deconvolution reads the feature as a 1x1 map (DCGAN style)
         self.as_map = isinstance(specs[0], architecture.Deconv)
         in_shape = (cfg.feature_dim, 1, 1) if self.as_map else (cfg.feature_dim,)
-        self.net, out = architecture.build(specs, in_shape, 3, norm=cfg.norm,
-                                           activation=cfg.activation, final_activation="tanh")
+        self.net, out = architecture.build(specs, in_shape, 3, norm=cfg.norm, activation=cfg.activation,
+                                           final_activation="tanh", warp=True)
         expected = (3, cfg.image_size, cfg.image_size)
         if out != expected:
             raise ValueError(f"{cfg.name}: decoder gives {out}, expected {expected}")
-        # ModelConfig.warp: a few numbers of the feature place, size and turn the drawn image
-        self.warp = affine_head(cfg.feature_dim) if cfg.warp else None
+        # `w`: a few numbers of the feature can then place, size and turn what the layers draw
+        self.warp = (AffineWarp(cfg.feature_dim)
+                     if any(isinstance(m, architecture.WarpSlot) for m in self.net) else None)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         f = f.flatten(1)  # (B, chunks * dim)
-        x = self.net(f[:, :, None, None] if self.as_map else f)
+        x = f[:, :, None, None] if self.as_map else f
         if self.warp is None:
-            return x
-        return warped(x, self.warp(f).view(-1, 2, 3))
+            return self.net(x)
+        theta = self.warp(f)
+        for layer in self.net:
+            x = warped(x, theta) if isinstance(layer, architecture.WarpSlot) else layer(x)
+        return x
 
 
 class Discriminator(nn.Module):

@@ -28,6 +28,8 @@ def test_parse_reads_each_field():
     assert arch.format(arch.parse("xy-c16k3s2-f")) == "xy-c16k3s2-f"
     assert arch.parse("c8-g-f") == (arch.Conv(8), arch.GlobalPool(), arch.Dense(None))
     assert arch.format(arch.parse("c8-g-f")) == "c8-g-f"
+    assert arch.parse("b8-c8-w-d3k2s2") == (arch.Broadcast(8), arch.Conv(8), arch.Warp(), arch.Deconv(3, 2, 2))
+    assert arch.format(arch.parse("b8-c8-w-d3k2s2")) == "b8-c8-w-d3k2s2"
 
 
 def test_broadcast_tiles_the_vector_and_appends_coordinates():
@@ -93,6 +95,14 @@ def test_broadcast_decoder_reads_the_chunks():
     assert dec(torch.randn(2, cfg.n_chunks, cfg.chunk_dim)).shape == (2, 3, 32, 32)
 
 
+def test_warp_needs_a_map_and_a_decoder():
+    with pytest.raises(ValueError, match="warps a map"):
+        arch.build(arch.parse("f8-w-f"), (4,), 3, norm="none", activation="relu", final_activation="none",
+                   warp=True)
+    with pytest.raises(ValueError, match="only a decoder"):
+        arch.build(arch.parse("c8-w-f"), (3, 4, 4), 3, norm="none", activation="relu", final_activation="none")
+
+
 def test_broadcast_of_a_map_is_an_error():
     with pytest.raises(ValueError, match="broadcasts a vector"):
         arch.build(arch.parse("c8-b4-c3"), (3, 4, 4), 3, norm="none", activation="relu",
@@ -100,7 +110,7 @@ def test_broadcast_of_a_map_is_an_error():
 
 
 @pytest.mark.parametrize("bad", ["c64k3s2-x3", "c64K3", "c64k3s2s2", "c0", "f0", "r(8,8)", "c64-",
-                                 "", "c64 k3", "pp", "c64k03", "b0", "b", "b4x", "b4t0", "b4t", "xy2", "yx", "g2", "gg"])
+                                 "", "c64 k3", "pp", "c64k03", "b0", "b", "b4x", "b4t0", "b4t", "xy2", "yx", "g2", "gg", "w2", "ww"])
 def test_parse_rejects_bad_tokens(bad):
     with pytest.raises(ValueError) as e:
         arch.parse(bad)

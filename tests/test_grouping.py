@@ -73,15 +73,15 @@ BROADCAST = replace(PRESETS["tiny"], name="tiny-broadcast", decoder="b4-c8k3-d8k
 # ... and with template channels, a dense layer of the feature laid out as a map
 TEMPLATES = replace(PRESETS["tiny"], name="tiny-templates", decoder="b4t3-c8k3-d8k4s2-d3k2s2")
 # ... and with the warp, whose head reads the feature too
-WARP = replace(PRESETS["tiny"], name="tiny-warp", warp=True)
+WARP = replace(PRESETS["tiny"], name="tiny-warp", decoder="d16k4-w-d8k4s2-d3k2s2-w")
 
 
 def _random_model(preset: str, seed: int = 0):
     torch.manual_seed(seed)
     cfg = {c.name: c for c in (BROADCAST, TEMPLATES, WARP)}.get(preset) or PRESETS[preset]
     model = MixingAutoencoder(cfg).eval()
-    if cfg.warp:  # a new head maps every feature to the identity: give it weights that read it
-        torch.nn.init.normal_(model.decoder.warp[2].weight, std=0.1)
+    if model.decoder.warp is not None:  # a new head maps every feature to the identity: give it weights that read it
+        torch.nn.init.normal_(model.decoder.warp.head[2].weight, std=0.1)
     return model, cfg
 
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from disentangle import losses
+from disentangle import architecture, losses
 from disentangle.config import PRESETS
 from disentangle.model import MixingAutoencoder, mix
 
@@ -272,14 +272,21 @@ def test_chunk_widths_must_fit_the_chunks():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # a checkpoint's JSON round trip
 
 
-def test_a_new_warp_draws_what_the_decoder_draws():
-    """ModelConfig.warp: the head starts at the identity map, and resampling pixel centres at
-    themselves returns each pixel, so a new decoder with the warp draws the same images."""
+@pytest.mark.parametrize("decoder", ["d16k4-d8k4s2-d3k2s2-w", "d16k4-w-d8k4s2-d3k2s2"])
+def test_a_new_warp_draws_what_the_decoder_draws(decoder):
+    """`w`: the head starts at the identity map, and resampling pixel centres at themselves
+    returns each value, so a new decoder with the warp (of its image or of a map inside it)
+    draws what the same layers draw without it."""
     torch.manual_seed(3)
-    decoder = MixingAutoencoder(replace(PRESETS["tiny"], warp=True)).decoder.eval()
+    plain = MixingAutoencoder(PRESETS["tiny"]).decoder.eval()
+    torch.manual_seed(3)
+    decoder = MixingAutoencoder(replace(PRESETS["tiny"], decoder=decoder)).decoder.eval()
+    layers = [m for m in decoder.net if not isinstance(m, architecture.WarpSlot)]
+    for mine, theirs in zip(layers, plain.net):
+        theirs.load_state_dict(mine.state_dict())
     f = torch.randn(4, 8, 4)
     with torch.no_grad():
-        torch.testing.assert_close(decoder(f), decoder.net(f.flatten(1)[:, :, None, None]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(decoder(f), plain(f), rtol=0, atol=1e-6)
 
 
 def test_warp_shifts_and_turns_by_whole_pixels():
@@ -300,8 +307,13 @@ def test_warp_shifts_and_turns_by_whole_pixels():
 
 
 def test_the_warp_head_learns_from_the_image_error():
-    model = MixingAutoencoder(replace(PRESETS["tiny"], warp=True), ("rec",))
+    model = MixingAutoencoder(replace(PRESETS["tiny"], decoder="d16k4-d8k4s2-d3k2s2-w"), ("rec",))
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     ((model.decoder(model.encoder(x)) - x) ** 2).mean().backward()
-    assert model.decoder.warp[2].weight.grad.abs().sum() > 0
-    assert model.decoder.warp[0].weight.grad is not None  # zero at the start: the last layer is 0
+    assert model.decoder.warp.head[2].weight.grad.abs().sum() > 0
+    assert model.decoder.warp.head[0].weight.grad is not None  # zero at the start: the last layer is 0
+
+
+def test_only_a_decoder_can_warp():
+    with pytest.raises(ValueError, match="only a decoder"):
+        MixingAutoencoder(replace(PRESETS["tiny"], encoder="c8k3s2-w-c16k3s2-f"))
