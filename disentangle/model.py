@@ -52,10 +52,11 @@ class AffineWarp(nn.Module):
 
 
 def warped(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Resample (B, C, H, W) images through (B, 2, 3) affine maps of output to input coordinates
-    (a spatial transformer, Jaderberg et al. 2015; [-1, 1] coordinates of pixel centres, so the
-    identity returns the images unchanged), bilinearly; places mapped outside take the nearest
-    border pixel, the background's colour where the object does not touch the border."""
+    """Resample (B, C, H, W) images or maps through (B, 2, 3) affine maps of output to input
+    coordinates (a spatial transformer, Jaderberg et al. 2015; [-1, 1] coordinates of pixel
+    centres, so the identity returns them unchanged), bilinearly; places mapped outside take the
+    nearest border value (in an image, the background's colour where the object does not touch
+    the border)."""
     grid = nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
     return nn.functional.grid_sample(images, grid, padding_mode="border", align_corners=False)
 
