@@ -15,6 +15,8 @@ Grammar, one token per layer, joined by '-':
   xy                  append the two coordinate channels to a map (CoordConv, Liu et al. 2018)
   w                   (decoders only) resample the map through an affine map that the decoder
                       predicts from the feature: a spatial transformer (Jaderberg et al. 2015)
+  wc                  (decoders only) the same through a shift, scale and turn whose four numbers
+                      are read from one chunk each (chunks 0 to 3), chunks the layers do not read
 Sizes are never computed by hand: `build` runs a dummy tensor through each layer as it is added.
 """
 from __future__ import annotations
@@ -80,7 +82,7 @@ class Coords:
 
 @dataclass(frozen=True)
 class Warp:
-    pass
+    per_chunk: bool = False  # `wc`: each of the map's numbers from a chunk of its own
 
 
 Spec = Conv | Deconv | Dense | Pool | GlobalPool | Reshape | Upsample | Broadcast | Coords | Warp
@@ -112,8 +114,8 @@ def parse(text: str) -> tuple[Spec, ...]:
             specs.append(Pool())
         elif token == "g":
             specs.append(GlobalPool())
-        elif token == "w":
-            specs.append(Warp())
+        elif token in ("w", "wc"):
+            specs.append(Warp(per_chunk=token == "wc"))
         elif token == "u":
             specs.append(Upsample())
         else:
@@ -138,7 +140,7 @@ def _format_one(spec: Spec) -> str:
     if isinstance(spec, GlobalPool):
         return "g"
     if isinstance(spec, Warp):
-        return "w"
+        return "wc" if spec.per_chunk else "w"
     return "p" if isinstance(spec, Pool) else "u"
 
 
@@ -240,7 +242,7 @@ def _layer(spec: Spec, x: torch.Tensor, out_units: int) -> nn.Module:
         return SpatialBroadcast(spec.size, x.shape[1], spec.templates)
     if isinstance(spec, Warp):
         if x.dim() != 4:
-            raise ValueError(f"w warps a map, not a {tuple(x.shape[1:])} vector")
+            raise ValueError(f"{_format_one(spec)} warps a map, not a {tuple(x.shape[1:])} vector")
         return WarpSlot()
     if isinstance(spec, Coords):
         if x.dim() != 4:
@@ -260,7 +262,7 @@ def build(specs: tuple[Spec, ...], in_shape: tuple[int, ...], out_units: int, *,
     (a decoder, which supplies the affine map).
     """
     if not warp and any(isinstance(s, Warp) for s in specs):
-        raise ValueError(f"{format(specs)!r}: w warps a decoder's map; only a decoder can use it")
+        raise ValueError(f"{format(specs)!r}: w and wc warp a decoder's map; only a decoder can use them")
     weighted = [i for i, s in enumerate(specs) if isinstance(s, (Conv, Deconv, Dense))]
     if not weighted:
         raise ValueError(f"{format(specs)!r} has no weighted layer")

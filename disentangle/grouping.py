@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from .architecture import SpatialBroadcast
 from .config import ModelConfig
 from .errors import RetrievalError
-from .model import MixingAutoencoder
+from .model import AffineWarp, MixingAutoencoder
 
 log = logging.getLogger(__name__)
 SAMPLE = 1000  # images the dependence is measured on: ~4 MB of kernel per chunk
@@ -168,9 +168,12 @@ def regroup(model, cfg: ModelConfig, groups: list[list[int]]):
         dec_w = first.weight.new_zeros((size, *first.weight.shape[1:]))
         dec_w[place] = first.weight.detach()
     state[names[id(first.weight)]] = dec_w
-    if model.decoder.warp is not None:                                # its head reads the feature too
-        head = model.decoder.warp.head[0]
-        state[names[id(head.weight)]] = _inputs_moved(head.weight.detach(), place, size)
+    warp = model.decoder.warp
+    if isinstance(warp, AffineWarp):                                  # its head reads the feature too
+        state[names[id(warp.head[0].weight)]] = _inputs_moved(warp.head[0].weight.detach(), place, size)
+    elif warp is not None:                                            # its heads read chunks 0 to 3
+        state["decoder.warp.reads"] = place[warp.reads]
+        state["decoder.warp.layers_read"] = warp.layers_read.new_zeros(size).index_copy(0, place, warp.layers_read)
     grouped.load_state_dict(state)
     return grouped.to(next(model.parameters()).device).eval(), new_cfg
 

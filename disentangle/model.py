@@ -51,6 +51,53 @@ class AffineWarp(nn.Module):
         return self.identity + self.head(f.flatten(1)).view(-1, 2, 3)
 
 
+class ChunkWarp(nn.Module):
+    """`wc`: feature -> a 2x3 map that shifts, scales and turns, whose four numbers (x shift, y shift,
+    log scale, turn) each come from one chunk alone (chunks 0, 1, 2, 3), through a small head
+    per number whose last layer starts at 0 (the identity); the decoder's layers read only the
+    other chunks (`layers_read`). Those four chunks then act on the image only through their
+    own number of the map: where `w`'s shared head let one chunk hold position and size together,
+    and the layers let the chunk that held size hold colour too, here each can hold one thing."""
+
+    NUMBERS = 4
+
+    def __init__(self, n_chunks: int, chunk_dim: int, features: int, hidden: int = 32):
+        super().__init__()
+        if n_chunks < self.NUMBERS:
+            raise ValueError(f"wc reads its {self.NUMBERS} numbers from {self.NUMBERS} chunks; "
+                             f"this model has {n_chunks}")
+        self.heads = nn.ModuleList()
+        for _ in range(self.NUMBERS):
+            head = nn.Sequential(nn.Linear(chunk_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+            nn.init.zeros_(head[2].weight)
+            nn.init.zeros_(head[2].bias)
+            self.heads.append(head)
+        # which feature numbers each head reads (chunk k's), and which the layers read (1) or not
+        # (0), wherever `retrieval group` moves them
+        self.register_buffer("reads", torch.arange(self.NUMBERS * chunk_dim).view(self.NUMBERS, chunk_dim))
+        layers_read = torch.ones(features)  # a grouped model's feature is wider than the learned one
+        layers_read[: self.NUMBERS * chunk_dim] = 0
+        self.register_buffer("layers_read", layers_read)
+
+    def numbers(self, f: torch.Tensor) -> torch.Tensor:
+        """(B, 4): x shift, y shift, log scale and turn (radians) of each feature's map."""
+        f = f.flatten(1)
+        return torch.cat([head(f[:, cols]) for head, cols in zip(self.heads, self.reads)], 1)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        tx, ty, log_scale, turn = self.numbers(f).unbind(1)
+        s = torch.exp(log_scale)
+        cos, sin = s * torch.cos(turn), s * torch.sin(turn)
+        return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+
+
+def _learned_chunks(cfg: ModelConfig) -> tuple[int, int]:
+    """How many chunks the model learned, and how wide: a grouped config's chunks hold groups."""
+    if not cfg.chunk_groups:
+        return cfg.n_chunks, cfg.chunk_dim
+    return sum(map(len, cfg.chunk_groups)), cfg.chunk_dim // max(map(len, cfg.chunk_groups))
+
+
 def warped(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Resample (B, C, H, W) images or maps through (B, 2, 3) affine maps of output to input
     coordinates (a spatial transformer, Jaderberg et al. 2015; [-1, 1] coordinates of pixel
@@ -75,13 +122,19 @@ class Decoder(nn.Module):
         expected = (3, cfg.image_size, cfg.image_size)
         if out != expected:
             raise ValueError(f"{cfg.name}: decoder gives {out}, expected {expected}")
-        # `w`: a few numbers of the feature can then place, size and turn what the layers draw
-        self.warp = (AffineWarp(cfg.feature_dim)
-                     if any(isinstance(m, architecture.WarpSlot) for m in self.net) else None)
+        # `w`, `wc`: a few numbers of the feature can then place, size and turn what the layers draw
+        warps = {s for s in specs if isinstance(s, architecture.Warp)}
+        if len(warps) > 1:
+            raise ValueError(f"{cfg.name}: a decoder warps through one map: w or wc, not both")
+        self.warp = None
+        if warps:
+            self.warp = (ChunkWarp(*_learned_chunks(cfg), cfg.feature_dim) if warps.pop().per_chunk
+                         else AffineWarp(cfg.feature_dim))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         f = f.flatten(1)  # (B, chunks * dim)
-        x = f[:, :, None, None] if self.as_map else f
+        x = f * self.warp.layers_read if isinstance(self.warp, ChunkWarp) else f
+        x = x[:, :, None, None] if self.as_map else x
         if self.warp is None:
             return self.net(x)
         theta = self.warp(f)

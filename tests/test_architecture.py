@@ -30,6 +30,8 @@ def test_parse_reads_each_field():
     assert arch.format(arch.parse("c8-g-f")) == "c8-g-f"
     assert arch.parse("b8-c8-w-d3k2s2") == (arch.Broadcast(8), arch.Conv(8), arch.Warp(), arch.Deconv(3, 2, 2))
     assert arch.format(arch.parse("b8-c8-w-d3k2s2")) == "b8-c8-w-d3k2s2"
+    assert arch.parse("b8-c8-wc-d3k2s2")[2] == arch.Warp(per_chunk=True)
+    assert arch.format(arch.parse("b8-c8-wc-d3k2s2")) == "b8-c8-wc-d3k2s2"
 
 
 def test_broadcast_tiles_the_vector_and_appends_coordinates():
@@ -101,6 +103,9 @@ def test_warp_needs_a_map_and_a_decoder():
                    warp=True)
     with pytest.raises(ValueError, match="only a decoder"):
         arch.build(arch.parse("c8-w-f"), (3, 4, 4), 3, norm="none", activation="relu", final_activation="none")
+    with pytest.raises(ValueError, match="wc warps a map"):
+        arch.build(arch.parse("f8-wc-f"), (4,), 3, norm="none", activation="relu", final_activation="none",
+                   warp=True)
 
 
 def test_broadcast_of_a_map_is_an_error():

@@ -74,18 +74,23 @@ BROADCAST = replace(PRESETS["tiny"], name="tiny-broadcast", decoder="b4-c8k3-d8k
 TEMPLATES = replace(PRESETS["tiny"], name="tiny-templates", decoder="b4t3-c8k3-d8k4s2-d3k2s2")
 # ... and with the warp, whose head reads the feature too
 WARP = replace(PRESETS["tiny"], name="tiny-warp", decoder="d16k4-w-d8k4s2-d3k2s2-w")
+# ... and with the warp whose four heads read chunks 0 to 3, wherever grouping moves them
+CHUNK_WARP = replace(PRESETS["tiny"], name="tiny-chunk-warp", decoder="d16k4-wc-d8k4s2-d3k2s2")
 
 
 def _random_model(preset: str, seed: int = 0):
     torch.manual_seed(seed)
-    cfg = {c.name: c for c in (BROADCAST, TEMPLATES, WARP)}.get(preset) or PRESETS[preset]
+    cfg = {c.name: c for c in (BROADCAST, TEMPLATES, WARP, CHUNK_WARP)}.get(preset) or PRESETS[preset]
     model = MixingAutoencoder(cfg).eval()
-    if model.decoder.warp is not None:  # a new head maps every feature to the identity: give it weights that read it
-        torch.nn.init.normal_(model.decoder.warp.head[2].weight, std=0.1)
+    # a new head maps every feature to the identity: give it weights that read it
+    warp = model.decoder.warp
+    for head in [] if warp is None else getattr(warp, "heads", None) or [warp.head]:
+        torch.nn.init.normal_(head[2].weight, std=0.1)
     return model, cfg
 
 
-@pytest.mark.parametrize("preset", ["tiny", "sprites-cpu", BROADCAST.name, TEMPLATES.name, WARP.name])
+@pytest.mark.parametrize("preset", ["tiny", "sprites-cpu", BROADCAST.name, TEMPLATES.name, WARP.name,
+                                    CHUNK_WARP.name])
 def test_regrouped_networks_compute_the_same_images(preset):
     model, cfg = _random_model(preset)
     n = cfg.n_chunks

@@ -7,7 +7,7 @@ import torch
 
 from disentangle import architecture, losses
 from disentangle.config import PRESETS
-from disentangle.model import MixingAutoencoder, mix
+from disentangle.model import ChunkWarp, MixingAutoencoder, mix
 
 
 def test_mix_takes_chunks_by_mask():
@@ -272,11 +272,12 @@ def test_chunk_widths_must_fit_the_chunks():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # a checkpoint's JSON round trip
 
 
-@pytest.mark.parametrize("decoder", ["d16k4-d8k4s2-d3k2s2-w", "d16k4-w-d8k4s2-d3k2s2"])
+@pytest.mark.parametrize("decoder", ["d16k4-d8k4s2-d3k2s2-w", "d16k4-w-d8k4s2-d3k2s2", "d16k4-wc-d8k4s2-d3k2s2"])
 def test_a_new_warp_draws_what_the_decoder_draws(decoder):
     """`w`: the head starts at the identity map, and resampling pixel centres at themselves
     returns each value, so a new decoder with the warp (of its image or of a map inside it)
-    draws what the same layers draw without it."""
+    draws what the same layers draw without it; with `wc`, what they draw from the feature
+    whose chunks 0 to 3 (the warp's) are 0."""
     torch.manual_seed(3)
     plain = MixingAutoencoder(PRESETS["tiny"]).decoder.eval()
     torch.manual_seed(3)
@@ -285,8 +286,11 @@ def test_a_new_warp_draws_what_the_decoder_draws(decoder):
     for mine, theirs in zip(layers, plain.net):
         theirs.load_state_dict(mine.state_dict())
     f = torch.randn(4, 8, 4)
+    layers_see = f.clone()
+    if isinstance(decoder.warp, ChunkWarp):
+        layers_see[:, :4] = 0
     with torch.no_grad():
-        torch.testing.assert_close(decoder(f), plain(f), rtol=0, atol=1e-6)
+        torch.testing.assert_close(decoder(f), plain(layers_see), rtol=0, atol=1e-6)
 
 
 def test_warp_shifts_and_turns_by_whole_pixels():
@@ -312,6 +316,55 @@ def test_the_warp_head_learns_from_the_image_error():
     ((model.decoder(model.encoder(x)) - x) ** 2).mean().backward()
     assert model.decoder.warp.head[2].weight.grad.abs().sum() > 0
     assert model.decoder.warp.head[0].weight.grad is not None  # zero at the start: the last layer is 0
+
+
+def test_each_number_of_a_chunk_warp_comes_from_its_own_chunk():
+    """`wc`: changing chunk k (k < 4) moves only number k of (x shift, y shift, log scale, turn),
+    chunks 4 to 7 move none; and the map is the similarity those numbers give, in float64 numpy."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    warp = MixingAutoencoder(replace(PRESETS["tiny"], decoder="d16k4-wc-d8k4s2-d3k2s2")).decoder.warp
+    for head in warp.heads:
+        torch.nn.init.normal_(head[2].weight, std=0.5)
+    f = torch.randn(6, 8, 4)
+    with torch.no_grad():
+        base = warp.numbers(f)
+        for k in range(8):
+            g = f.clone()
+            g[:, k] += torch.randn(6, 4)
+            moved = (warp.numbers(g) - base).abs().amax(0) > 0
+            assert moved.tolist() == [j == k for j in range(4)], k
+        theta = warp(f).double().numpy()
+    tx, ty, log_scale, turn = base.double().numpy().T
+    s, c, n = np.exp(log_scale), np.cos(turn), np.sin(turn)
+    expected = np.stack([np.stack([s * c, -s * n, tx], 1), np.stack([s * n, s * c, ty], 1)], 1)
+    np.testing.assert_allclose(theta, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_chunks_of_a_chunk_warp_act_only_through_it():
+    """`wc`: with the heads at 0 (the identity map), chunks 0 to 3 change nothing of the image;
+    every other chunk does; a head that reads its chunk makes that chunk move the image."""
+    torch.manual_seed(0)
+    decoder = MixingAutoencoder(replace(PRESETS["tiny"], decoder="d16k4-wc-d8k4s2-d3k2s2")).decoder.eval()
+    f = torch.randn(3, 8, 4)
+    with torch.no_grad():
+        base = decoder(f)
+        def moved(k):
+            g = f.clone()
+            g[:, k] += 1
+            return (decoder(g) - base).abs().max().item()
+        assert [moved(k) > 0 for k in range(8)] == [False] * 4 + [True] * 4
+        torch.nn.init.normal_(decoder.warp.heads[2][2].weight, std=0.5)
+        base = decoder(f)
+        assert [moved(k) > 0 for k in range(8)] == [False, False, True, False] + [True] * 4
+
+
+def test_a_chunk_warp_needs_four_chunks_and_one_warp_per_decoder():
+    with pytest.raises(ValueError, match="from 4 chunks; this model has 3"):
+        MixingAutoencoder(replace(PRESETS["tiny"], n_chunks=3, decoder="d16k4-wc-d8k4s2-d3k2s2"))
+    with pytest.raises(ValueError, match="w or wc, not both"):
+        MixingAutoencoder(replace(PRESETS["tiny"], decoder="d16k4-wc-d8k4s2-d3k2s2-w"))
 
 
 def test_only_a_decoder_can_warp():
