@@ -133,8 +133,11 @@ PRESETS: dict[str, ModelConfig] = {
         encoder="c16k3s2-c32k3s2-c64k3s2-c128k2-f",
         # a spatial broadcast (position as a number compared with coordinates) plus a dense map
         # of places of their own (draws as fast as a DCGAN decoder): the first decoder here that
-        # draws the shapes themselves, under 0.01 on every seed (docs/results.md, "Decoders that draw")
-        decoder="b8t64-c128-c64k3-c64k3-d32k4s2-d3k2s2",
+        # draws the shapes themselves (docs/results.md, "Decoders that draw"); its 8x8 map then
+        # shifted, scaled and turned by four numbers read from chunks 0 to 3, one each, which the
+        # layers do not read (`wc`): position and size each in a chunk of its own, and shape apart
+        # for the first time (docs/results.md, "A warp whose numbers are chunks")
+        decoder="b8t64-c128-c64k3-c64k3-wc-d32k4s2-d3k2s2",
         discriminator="c16k3s2-c32k3s2-c64k3s2-f",
         classifier="c16k3s2-p-c32k3-p-c64k3-f128-f",
         # A spectrally normalised critic (a batch-norm one collapsed the decoder), the authors'

@@ -257,7 +257,7 @@ BUDGET = {
     "retrieval train ../shared/data/sprites --out runs/sprites": "--steps 2 --batch-size 4",
     # all 12,816 val frames stay indexed; Table 2 from 300 of them (32 chunks x N² took 8 min on CI)
     "retrieval evaluate idx/sprites --out runs/sprites/report": "--queries 300",
-    "retrieval train shapes:20000 --out runs/shapes --steps 4000 --batch-size 32 --mask per-sample --lr 5e-4 "
+    "retrieval train shapes:20000 --out runs/shapes --steps 6000 --batch-size 32 --mask per-sample --lr 5e-4 "
     "--critic-lr-scale 4":
         "--steps 2 --batch-size 4",
     # the demo's whole path (generate, train, index, evaluate, name) on 200 shapes for 2 steps
@@ -341,6 +341,8 @@ BUDGET = {
     "\"c16k3s2-c32k3s2-xy-c64k3-c128-g-f128-f\"}' --seeds 0 --steps 4000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name wmid --cfg '{\"decoder\": "
     "\"b8t64-c128-c64k3-c64k3-w-d32k4s2-d3k2s2\"}' --seeds 0 --steps 4000": "--steps 2 --images 200",
+    "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name wc --cfg '{\"decoder\": "
+    "\"b8t64-c128-c64k3-c64k3-wc-d32k4s2-d3k2s2\"}' --seeds 0 --steps 4000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name z1-g8-s0 --tc '{\"seed\": 0, \"mask\": \"per-group\", "
     "\"mask_groups\": 8}' --minutes 20 --eval-every 10 --eval-queries 2000": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name e2 --preset shapes --cfg "
