@@ -343,6 +343,7 @@ BUDGET = {
     "\"b8t64-c128-c64k3-c64k3-w-d32k4s2-d3k2s2\"}' --seeds 0 --steps 4000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name wc --cfg '{\"decoder\": "
     "\"b8t64-c128-c64k3-c64k3-wc-d32k4s2-d3k2s2\"}' --seeds 0 --steps 4000": "--steps 2 --images 200",
+    "OMP_NUM_THREADS=1 python bench/demo_recipe.py --name wc6k --seeds 0 --steps 6000": "--steps 2 --images 200",
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name z1-g8-s0 --tc '{\"seed\": 0, \"mask\": \"per-group\", "
     "\"mask_groups\": 8}' --minutes 20 --eval-every 10 --eval-queries 2000": RECIPE_BUDGET,
     "OMP_NUM_THREADS=1 python bench/sprites_recipe.py --name e2 --preset shapes --cfg "
