@@ -13,7 +13,7 @@ retry = $(1) || { echo "pip failed; retrying once without its cache" >&2; $(1) -
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py retrieval/_scan.c retrieval/_scan_lanes.h
+$(VENV)/.installed: setup.py retrieval/_scan.c retrieval/_scan_lanes.h retrieval/_scan_single.h
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(call retry,$(PY) -m pip install -q $(TORCH))
 	$(call retry,$(PY) -m pip install -q -e '.[dev]')

@@ -10,7 +10,7 @@ def scan_extensions() -> list[Extension]:
     instruction-set level; retrieval/scan.py loads the widest this CPU runs. Optional: without a C
     compiler the install goes on and the core uses its numpy path."""
     def build(name: str, *flags: str) -> Extension:
-        return Extension(name, ["retrieval/_scan.c"], depends=["retrieval/_scan_lanes.h"],
+        return Extension(name, ["retrieval/_scan.c"], depends=["retrieval/_scan_lanes.h", "retrieval/_scan_single.h"],
                          extra_compile_args=["-O3", *flags],
                          extra_link_args=["-pthread"], libraries=["m"], optional=True)
 

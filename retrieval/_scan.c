@@ -1,6 +1,6 @@
-/* The search core's fused scan: scores of a block of rows for 4, 8 or 16 queries at a time, kept in
- * registers and compared at once with each query's running threshold, so no (N, Q) score matrix
- * is ever written or read back (retrieval/scan.py loads this with ctypes and explains the
+/* The search core's fused scan: scores of a block of rows for 4, 8 or 16 queries at a time (or for
+ * one query alone, _scan_single.h), kept in registers and compared at once with each query's
+ * running threshold, so no (N, Q) score matrix is ever written or read back (retrieval/scan.py loads this with ctypes and explains the
  * contract; retrieval/search.py, _windows_numpy, is the reference it must agree with).
  *
  * Score of row i for query q: sum over chosen chunks c of fl(w_c * norm_c[i]) and of the float32
@@ -19,7 +19,7 @@
 #define ROWS 8   /* rows per register tile: 8 accumulators of 16 lanes, a third of AVX-512's registers */
 #define BLOCK 512 /* rows per block, read chunk by chunk: runs of 128 KB for the prefetchers */
 #define SHARE (BLOCK * 64) /* rows a thread takes at a time (8 MB of a 64-wide chunk) */
-#define SCAN_ABI 2        /* scan_abi_version(): raise with any change of scan_windows' arguments */
+#define SCAN_ABI 3        /* scan_abi_version(): raise with any change of scan_windows' arguments */
 
 
 typedef struct {
@@ -44,7 +44,7 @@ typedef struct {
     /* this thread's rows and state */
     int64_t lo, hi;
     query_state *qs;
-    int lanes;        /* queries per vector: 16, 8 or 4 */
+    int lanes;        /* queries per vector: 16, 8 or 4; 1 for a single query (_scan_single.h) */
     float *thr;       /* ntiles * lanes thresholds; -inf on padding lanes and for kk = 0 */
     void *buf;        /* ntiles * BLOCK score vectors of the block being scanned */
     int failed;
@@ -117,6 +117,7 @@ static void admit(work *w, int q, int64_t row, float score) {
 #include "_scan_lanes.h"
 #define LANES 4
 #include "_scan_lanes.h"
+#include "_scan_single.h"
 
 /* The widest x86-64 level this CPU runs (4: AVX-512, 3: AVX2 and FMA, 0: other or unknown):
  * setup.py builds this file once per level, and retrieval/scan.py asks the plain build which
@@ -145,6 +146,7 @@ static void scan_rows(work *w) {
     switch (w->lanes) {
     case 16: scan_rows_16(w); break;
     case 8: scan_rows_8(w); break;
+    case 1: scan_rows_1(w); break;
     default: scan_rows_4(w);
     }
 }
@@ -167,7 +169,7 @@ static void free_states(query_state *qs, int nq) {
 
 /* Per query q, the rows whose float32 score is at most up(kk[q]-th smallest score + e[q]), rows
  * with mask[row] == 0 left out (mask may be NULL). qt holds -2 w_c q_c per tile of `lanes`
- * queries (16, 8 or 4) and chunk, dimension-major: qt[((t * nsel + c) * d + k) * lanes + l].
+ * queries (16, 8 or 4; 1 when nq is 1) and chunk, dimension-major: qt[((t * nsel + c) * d + k) * lanes + l].
  * Writes at most cap rows of query q to out[q * cap ...] and their number, which may exceed cap,
  * to count[q]. Needs kk[q] allowed rows.
  * Returns 0; -1 when memory ran out, -2 when fewer than kk[q] rows were allowed (nothing usable
@@ -175,7 +177,7 @@ static void free_states(query_state *qs, int nq) {
 int scan_windows(int nsel, int64_t n, int d, const float *const *x, const float *const *norms,
                  const float *wnorm, const float *qt, int nq, const uint8_t *mask, const int64_t *kk,
                  const double *e, int lanes, int threads, int64_t cap, int64_t *out, int64_t *count) {
-    if (lanes != 16 && lanes != 8) lanes = 4;
+    if (lanes != 16 && lanes != 8 && !(lanes == 1 && nq == 1)) lanes = 4;
     int ntiles = (nq + lanes - 1) / lanes;
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;

@@ -4,7 +4,8 @@ For a batch of queries the numpy path writes an (N, Q) float32 score matrix, the
 to select: at 200K x 16 queries that is 12.8 MB out and back per call, and two passes of numpy
 selection, around a GEMM that is skinny enough for OpenBLAS to run at half its rate. The C scan
 keeps a block of rows' scores for 16 queries (or 8, or 4) in registers and compares them with each query's
-running threshold at once; only the few rows under it are written. Its windows satisfy the same
+running threshold at once; only the few rows under it are written. A single query has a kernel of
+its own (retrieval/_scan_single.h): 1.3 to 1.5 times as fast as numpy's GEMV at 200K (docs/benchmarks.md). Its windows satisfy the same
 contract as search._select (a superset of the rows within e of the kk-th score), so the float64
 re-rank makes the results equal either way; the tests check both paths against brute force.
 
@@ -20,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-LANES = (4, 8, 16)  # queries per vector the C kernel is built for: a batch takes the fewest that hold it
+LANES = (1, 4, 8, 16)  # queries per vector the C kernel is built for: a call takes the fewest that hold it
 MAX_KK = 4096  # larger k + offset: the numpy path's partition, whose cost does not grow with k
 _CAP = 64  # candidate slots per query beyond 2 kk; more within e of the kk-th falls back to numpy
 
@@ -57,7 +58,7 @@ def _library(name: str) -> ctypes.CDLL | None:
     return None
 
 
-ABI = 2  # scan_abi_version() of the _scan.c this wrapper calls
+ABI = 3  # scan_abi_version() of the _scan.c this wrapper calls
 
 
 def _current(lib: ctypes.CDLL | None) -> bool:

@@ -37,7 +37,6 @@ _SAFE = 1e36  # float32 scores bounded by this cannot overflow (float32 max is 3
 _BLOCK = 1 << 16  # rows per block of float64 work: keeps its temporaries to a few MB
 _SCORES = 1 << 24  # float32 scores per query group: bounds the (N, Q) score matrix to 64 MB
 _SPARSE = 8  # an allowed set of at most N / _SPARSE items is gathered instead of masked
-_FUSED_MIN_Q = 2  # queries per call from which the C scan beats the GEMV (one query reads at memory speed)
 # The scan asks for kk + m rows per query with m excluded, and re-ranks all of them: at 200K with
 # 1,000 excluded it took about 3 times as long as the GEMM path, which masks the excluded rows instead.
 _FUSED_MAX_EXCLUDED = 64
@@ -282,9 +281,10 @@ def _windows_numpy(store, q, sel, w, rows, mask, excl, kk, e) -> list[np.ndarray
 
 
 def _scan_fits(store: ChunkStore, q: np.ndarray, kk: np.ndarray, excl: list[np.ndarray]) -> bool:
-    """Whether the C scan takes these queries: built, numpy backend, a batch, small kk, few exclusions."""
+    """Whether the C scan takes these queries: built, numpy backend, small kk, few exclusions. A
+    single query too: as fast as numpy's GEMV, and its reads leave the cache to the request's Python."""
     m = max(len(p) for p in excl)
-    return (scan.windows is not None and store.backend == "numpy" and len(q) >= _FUSED_MIN_Q
+    return (scan.windows is not None and store.backend == "numpy"
             and kk.max() > 0 and m <= _FUSED_MAX_EXCLUDED and kk.max() + m <= scan.MAX_KK)
 
 

@@ -1,4 +1,4 @@
-"""The C scan (retrieval/_scan.c through retrieval/scan.py) that batches the search core's queries.
+"""The C scan (retrieval/_scan.c through retrieval/scan.py) that answers the search core's queries.
 
 The property test in test_search.py runs the core with and without it against a float64 brute
 force; these tests reach what that test's small cases do not: the compiled builds themselves, the
@@ -44,11 +44,12 @@ def search_both(store, q, chunks, k, **kw):
 
 @needs_scan
 @pytest.mark.parametrize("dim", [3, 16, 32, 64, 128])
-@pytest.mark.parametrize("n_queries", [2, 7, 16, 40])
+@pytest.mark.parametrize("n_queries", [1, 2, 7, 16, 40])
 def test_every_chunk_width_and_query_tile_equals_brute_force(dim, n_queries):
-    # 16, 32, 64 and 128 run code specialised for that width; 2 and 7 queries take the kernels
-    # of 4 and 8 lanes, 40 fill two tiles of 16 and pad a third; 203 rows leave a tail of 3
-    # after tiles of 8 rows
+    # 16, 32, 64 and 128 run code specialised for that width (3 and 128 also the single query's
+    # lane tail and its several 16-wide steps); 1 query takes the single-query kernel, 2 and 7 the
+    # kernels of 4 and 8 lanes, 40 fill two tiles of 16 and pad a third; 203 rows leave a tail
+    # of 3 after tiles of 8 rows
     rng = np.random.default_rng(dim * 100 + n_queries)
     feats, ids = make_data(rng, 203, 3, dim, levels=2)
     store = ChunkStore(feats.transpose(1, 0, 2), ids)
@@ -62,7 +63,8 @@ def test_every_chunk_width_and_query_tile_equals_brute_force(dim, n_queries):
 
 @needs_scan
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_rows_split_over_threads_equal_brute_force(monkeypatch, threads):
+@pytest.mark.parametrize("n_queries", [1, 5])
+def test_rows_split_over_threads_equal_brute_force(monkeypatch, threads, n_queries):
     # 140,000 rows are 5 shares of 32K: each thread takes several, keeps its heaps across them,
     # and the threads' heaps are merged at the end
     rng = np.random.default_rng(5)
@@ -71,6 +73,7 @@ def test_rows_split_over_threads_equal_brute_force(monkeypatch, threads):
     store = ChunkStore(feats.transpose(1, 0, 2), ids)
     q = rng.standard_normal((5, 2, 16)).astype(np.float32)
     q[:2] = feats[[7, n - 1]]
+    q = q[:n_queries]
     allowed = rng.random(n) < 0.7
     exclude = np.stack([rng.choice(ids, 6) for _ in q])
     monkeypatch.setattr(scan, "threads", threads)
@@ -104,6 +107,20 @@ def test_all_queries_go_to_one_scan_whatever_the_store_size(monkeypatch):
     result = search(store, q, [0, 1], 6)
     assert [n for n, _ in calls] == [9] and calls[0][1] is not None
     assert_matches(result, brute_force(feats, ids, q, [0, 1], None, 6, 0, np.ones(150, bool), [[]] * 9))
+
+
+@needs_scan
+def test_a_single_query_goes_to_the_scan_with_a_mask(monkeypatch):
+    # one query (a lone request to the service) takes the single-query kernel, not numpy's GEMV;
+    # with a filter mask and an excluded id, as GET /search?where=... sends them
+    rng = np.random.default_rng(13)
+    feats, ids = make_data(rng, 2000, 3, 64, levels=3)
+    store = ChunkStore(feats.transpose(1, 0, 2), ids)
+    allowed = rng.random(2000) < 0.5
+    calls = spy_on_scan(monkeypatch)
+    result = search(store, feats[4], [2, 1], 9, allowed=allowed, exclude_ids=[ids[4]])
+    assert [n for n, _ in calls] == [1] and calls[0][1] is not None
+    assert_matches(result, brute_force(feats, ids, feats[4][None], [2, 1], None, 9, 0, allowed, [[ids[4]]]))
 
 
 @needs_scan
@@ -149,8 +166,10 @@ def test_more_ties_than_its_buffers_hold_fall_back_to_numpy():
 
     with mock.patch.object(core.scan, "windows", spy):
         result = search(store, q, [0, 1], 5)
-    assert calls == [None]
+        single = search(store, q[0], [0, 1], 5)  # the single-query kernel gives up alike
+    assert calls == [None, None]
     assert_matches(result, brute_force(feats, ids, q, [0, 1], None, 5, 0, np.ones(500, bool), [[]] * 3))
+    assert_matches(single, brute_force(feats, ids, q[:1], [0, 1], None, 5, 0, np.ones(500, bool), [[]]))
 
 
 @needs_scan
