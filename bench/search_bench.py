@@ -3,11 +3,11 @@
 For |S| = 1, 2, 8 chosen chunks and 1 or 16 queries per call it times, with the last-level
 cache flushed before every call and the thread pools left to go idle (medians over repeats,
 methods interleaved):
-  ours     retrieval.search.search (exact: float32 GEMV for one query, the C scan of
-           retrieval/scan.py for 16 where it was built, else GEMM; float64 re-rank), also with a
+  ours     retrieval.search.search (exact: the C scan of retrieval/scan.py where it was
+           built, else GEMV for one query and GEMM for 16; float64 re-rank), also with a
            search on a 1,000-item store between flush and call ("code warm"): the flush
            evicts the interpreter's working set too, which a C call hardly notices; and
-           with the C scan switched off ("GEMM": the numpy path, the same for one query);
+           with the C scan switched off ("GEMM": the numpy path, a GEMV for one query);
   matmul   just the float32 matmuls of the chosen chunks (what the BLAS alone costs);
   faiss    faiss.knn on a contiguous copy of the chosen chunks made beforehand;
   naive    ((X[S] - q[S]) ** 2).sum() over the full arrays, one query at a time;
@@ -159,7 +159,7 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}, "
           f"faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), load {os.getloadavg()[0]:.1f}")
     built = os.path.basename(scan._lib._name).split(".")[0] if scan._lib is not None else None
-    print(f"search core's batches: {f'the C scan, build {built}' if built else 'numpy GEMM (no C scan built)'}")
+    print(f"search core: {f'the C scan, build {built}' if built else 'numpy GEMV and GEMM (no C scan built)'}")
     print(f"bandwidth at the start: {bandwidth / 1e9:.1f} GB/s (median copy of {BUFFER >> 20} MiB in "
           f"{copy * 1e3:.1f} ms, counting read + write bytes)", flush=True)
     rate = matmul_rate()
