@@ -186,12 +186,10 @@ def search(
             wins = windows(store, q[g], sel, w, rows, mask, local_excl[g], kk[g], e[g])
         else:
             wins = [np.empty(0, np.intp)] * len(q[g])
-        for i, win in enumerate(wins, start=s):
-            pos = win if rows is None else rows[win]
-            dist = _rerank(store, q[i], sel, w, pos)
-            best = np.lexsort((store.ids[pos], dist))[offset:offset + k]
-            found_ids.append(store.ids[pos[best]])
-            found_dist.append(dist[best])
+        for r_ids, r_dist in _ranked(store, q[g], sel, w, [win if rows is None else rows[win] for win in wins],
+                                     k, offset):
+            found_ids.append(r_ids)
+            found_dist.append(r_dist)
     width = max(len(r) for r in found_ids)
     ids = np.full((len(q), width), -1, np.int64)
     dist = np.full((len(q), width), np.inf)
@@ -374,13 +372,39 @@ def _scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     return buf[:size].reshape(shape)
 
 
-def _rerank(store: ChunkStore, q: np.ndarray, sel: list[int], w: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Float64 distances Σ_c w_c ‖q_c − x_c‖² of the items at positions pos, from the raw vectors."""
+def _ranked(store: ChunkStore, q: np.ndarray, sel: list[int], w: np.ndarray, positions: list[np.ndarray],
+            k: int, offset: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per query q[i], the ids and float64 distances of its candidates (store positions
+    positions[i]) ranked by (distance, id), from offset on, at most k. All queries' candidates are
+    re-ranked and sorted together: a dozen numpy calls per query took 1.6 ms for 16 queries over
+    8 chunks of 2,000 items, these 0.75 to 1.0 ms."""
+    if len(positions) == 1:  # a lone query: no query gathered per candidate, no grouping
+        pos = positions[0]
+        dist = _rerank(store, q[0], sel, w, pos)
+        best = np.lexsort((store.ids[pos], dist))[offset:offset + k]
+        return [(store.ids[pos[best]], dist[best])]
+    counts = np.array([len(p) for p in positions])
+    pos = np.concatenate(positions).astype(np.intp, copy=False)
+    owner = np.repeat(np.arange(len(positions)), counts)
+    dist = _rerank(store, q, sel, w, pos, owner)
+    ids = store.ids[pos]
+    order = np.lexsort((ids, dist, owner))  # by query, then distance, then id
+    starts = np.cumsum(counts) - counts
+    segments = (order[a:a + n][offset:offset + k] for a, n in zip(starts, counts))
+    return [(ids[seg], dist[seg]) for seg in segments]
+
+
+def _rerank(store: ChunkStore, q: np.ndarray, sel: list[int], w: np.ndarray, pos: np.ndarray,
+            owner: np.ndarray | None = None) -> np.ndarray:
+    """Float64 distances Σ_c w_c ‖q_c − x_c‖² of the items at positions pos, from the raw vectors:
+    to the query q (n_chunks, d), or with owner to their queries q[owner] (q: (Q, n_chunks, d))."""
     dist = np.zeros(len(pos))
     for s in range(0, len(pos), _BLOCK):
+        b = slice(s, s + _BLOCK)
         for c, wc in zip(sel, w):
-            diff = np.subtract(store._rows(c, pos[s:s + _BLOCK]), q[c], dtype=np.float64)  # exact
-            dist[s:s + _BLOCK] += wc * np.square(diff).sum(1)
+            qc = q[c] if owner is None else q[owner[b], c]
+            diff = np.subtract(store._rows(c, pos[b]), qc, dtype=np.float64)  # exact
+            dist[b] += wc * np.square(diff).sum(1)
     return dist
 
 

@@ -269,6 +269,7 @@ BUDGET = {
     ".venv/bin/python bench/search_bench.py --n 200000 1000000": "--n 2000 --repeats 1 --settle 0",
     ".venv/bin/python bench/search_bench.py --n 200000 1000000 --repeats 5": "--n 2000 --repeats 1 --settle 0",
     ".venv/bin/python bench/request_bench.py": "--n 2000 --queries 3",
+    ".venv/bin/python bench/rerank_bench.py": "--n 300 --repeats 2",
     ".venv/bin/python bench/load_test.py --seconds 8": "--n 2000 --seconds 0.2",
     ".venv/bin/python bench/load_test.py --seconds 8 --threads 4": "--n 2000 --seconds 0.2",
     "python bench/load_test.py": "--n 2000 --seconds 0.2",
