@@ -83,6 +83,11 @@ def _load() -> ctypes.CDLL | None:
         if _current(wider):
             lib = wider
             break
+    return _typed(lib)
+
+
+def _typed(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """lib with scan_windows' argument and result types set."""
     fn = lib.scan_windows
     ptr = ctypes.c_void_p
     fn.restype = ctypes.c_int

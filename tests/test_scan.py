@@ -34,6 +34,37 @@ def test_the_scan_is_built_and_the_widest_build_for_this_cpu_is_loaded():
         assert name.split(".")[0] == wanted
 
 
+@needs_scan
+@pytest.mark.parametrize("build", ["_scan", "_scan_v3", "_scan_v4"])
+def test_each_build_this_cpu_runs_equals_brute_force(monkeypatch, build):
+    # the core loads only the widest build; the others are what a CPU without AVX-512 (or AVX2)
+    # loads, with the same kernels compiled for narrower vectors
+    lib = scan._library(build)
+    if lib is None or not scan._current(lib):
+        pytest.skip(f"{build} was not built here (only on x86-64)")
+    level = {"_scan": 0, "_scan_v3": 3, "_scan_v4": 4}[build]
+    if level > scan._library("_scan").scan_cpu_level():
+        pytest.skip(f"this CPU does not run {build}")
+    built = scan._wrap(scan._typed(lib))
+    answered = []
+
+    def windows(*args):
+        wins = built(*args)
+        answered.append(wins is not None)
+        return wins
+
+    monkeypatch.setattr(core.scan, "windows", windows)
+    rng = np.random.default_rng(level)
+    for dim, n_queries in [(3, 1), (64, 1), (17, 3), (64, 16)]:
+        feats, ids = make_data(rng, 1500, 3, dim, levels=2)
+        store = ChunkStore(feats.transpose(1, 0, 2), ids)
+        q = rng.standard_normal((n_queries, 3, dim)).astype(np.float32)
+        allowed = rng.random(1500) < 0.6
+        result = search(store, q, [2, 0], 6, weights=[0.5, 2.0], allowed=allowed, exclude_ids=ids[:2])
+        assert_matches(result, brute_force(feats, ids, q, [2, 0], [0.5, 2.0], 6, 0, allowed, [ids[:2]] * n_queries))
+    assert answered == [True] * 4  # the build answered each call, not the numpy fallback
+
+
 def search_both(store, q, chunks, k, **kw):
     """The core's results with the scan, and the core's results without it."""
     fused = search(store, q, chunks, k, **kw)
