@@ -1,7 +1,8 @@
 /* The search core's fused scan: scores of a block of rows for 4, 8 or 16 queries at a time (or for
  * one query alone, _scan_single.h), kept in registers and compared at once with each query's
- * running threshold, so no (N, Q) score matrix is ever written or read back (retrieval/scan.py loads this with ctypes and explains the
- * contract; retrieval/search.py, _windows_numpy, is the reference it must agree with).
+ * running threshold, so no (N, Q) score matrix is ever written or read back (retrieval/scan.py
+ * loads this with ctypes and explains the contract; retrieval/search.py, _windows_numpy, is the
+ * reference it must agree with).
  *
  * Score of row i for query q: sum over chosen chunks c of fl(w_c * norm_c[i]) and of the float32
  * dot product x_c[i] . qt_c[q] (qt = -2 w_c q_c), each chunk's dot product in its own accumulator:
@@ -143,11 +144,19 @@ int scan_cpu_level(void) {
 int scan_abi_version(void) { return SCAN_ABI; }
 
 static void scan_rows(work *w) {
-    switch (w->lanes) {
-    case 16: scan_rows_16(w); break;
-    case 8: scan_rows_8(w); break;
-    case 1: scan_rows_1(w); break;
-    default: scan_rows_4(w);
+    /* Threads take SHARE rows at a time rather than a fixed half each: on this VM a core that
+     * was idle runs slower for milliseconds, and the other then takes more of the work. */
+    for (;;) {
+        int64_t lo = __atomic_fetch_add(w->next, SHARE, __ATOMIC_RELAXED);
+        if (lo >= w->n || w->failed) return;
+        w->lo = lo;
+        w->hi = lo + SHARE < w->n ? lo + SHARE : w->n;
+        switch (w->lanes) {
+        case 16: scan_share_16(w); break;
+        case 8: scan_share_8(w); break;
+        case 1: scan_share_1(w); break;
+        default: scan_share_4(w);
+        }
     }
 }
 
@@ -169,7 +178,8 @@ static void free_states(query_state *qs, int nq) {
 
 /* Per query q, the rows whose float32 score is at most up(kk[q]-th smallest score + e[q]), rows
  * with mask[row] == 0 left out (mask may be NULL). qt holds -2 w_c q_c per tile of `lanes`
- * queries (16, 8 or 4; 1 when nq is 1) and chunk, dimension-major: qt[((t * nsel + c) * d + k) * lanes + l].
+ * queries (16, 8 or 4; 1 when nq is 1) and chunk, dimension-major:
+ * qt[((t * nsel + c) * d + k) * lanes + l].
  * Writes at most cap rows of query q to out[q * cap ...] and their number, which may exceed cap,
  * to count[q]. Needs kk[q] allowed rows.
  * Returns 0; -1 when memory ran out, -2 when fewer than kk[q] rows were allowed (nothing usable

@@ -1,6 +1,6 @@
 /* The scan's vector code for one lane count, included by _scan.c once per LANES (16, 8, 4):
  * LANES queries share each vector, so a batch of up to 8 or 4 queries computes no padding lanes
- * of 16. Functions are named with the lane count (NAME(scan_rows) is scan_rows_16, ...). */
+ * of 16. Functions are named with the lane count (NAME(scan_share) is scan_share_16, ...). */
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define NAME(f) CAT(f, LANES)
@@ -100,23 +100,15 @@ static inline __attribute__((always_inline)) void NAME(scan_range)(work *w, cons
     }
 }
 
-static void NAME(scan_rows)(work *w) {
-    /* Threads take SHARE rows at a time rather than a fixed half each: on this VM a core that
-     * was idle runs slower for milliseconds, and the other then takes more of the work. */
-    for (;;) {
-        int64_t lo = __atomic_fetch_add(w->next, SHARE, __ATOMIC_RELAXED);
-        if (lo >= w->n || w->failed) return;
-        w->lo = lo;
-        w->hi = lo + SHARE < w->n ? lo + SHARE : w->n;
-        /* a constant chunk width lets the compiler address each row by an immediate offset,
-         * which ran the FMA loop 1.1 to 1.3 times as fast as a width in a register */
-        switch (w->d) {
-        case 16: NAME(scan_range)(w, 16); break;
-        case 32: NAME(scan_range)(w, 32); break;
-        case 64: NAME(scan_range)(w, 64); break;
-        case 128: NAME(scan_range)(w, 128); break;
-        default: NAME(scan_range)(w, w->d);
-        }
+/* Rows [w->lo, w->hi). A constant chunk width lets the compiler address each row by an immediate
+ * offset, which ran the FMA loop 1.1 to 1.3 times as fast as a width in a register. */
+static void NAME(scan_share)(work *w) {
+    switch (w->d) {
+    case 16: NAME(scan_range)(w, 16); break;
+    case 32: NAME(scan_range)(w, 32); break;
+    case 64: NAME(scan_range)(w, 64); break;
+    case 128: NAME(scan_range)(w, 128); break;
+    default: NAME(scan_range)(w, w->d);
     }
 }
 

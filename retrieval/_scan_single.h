@@ -49,18 +49,13 @@ static inline __attribute__((always_inline)) void scan_range_1(work *w, const in
     }
 }
 
-static void scan_rows_1(work *w) {
-    for (;;) { /* shares as the batch kernels take them (_scan_lanes.h) */
-        int64_t lo = __atomic_fetch_add(w->next, SHARE, __ATOMIC_RELAXED);
-        if (lo >= w->n || w->failed) return;
-        w->lo = lo;
-        w->hi = lo + SHARE < w->n ? lo + SHARE : w->n;
-        switch (w->d) { /* constant widths, as in _scan_lanes.h */
-        case 16: scan_range_1(w, 16); break;
-        case 32: scan_range_1(w, 32); break;
-        case 64: scan_range_1(w, 64); break;
-        case 128: scan_range_1(w, 128); break;
-        default: scan_range_1(w, w->d);
-        }
+/* Rows [w->lo, w->hi), the chunk width a constant as in _scan_lanes.h. */
+static void scan_share_1(work *w) {
+    switch (w->d) {
+    case 16: scan_range_1(w, 16); break;
+    case 32: scan_range_1(w, 32); break;
+    case 64: scan_range_1(w, 64); break;
+    case 128: scan_range_1(w, 128); break;
+    default: scan_range_1(w, w->d);
     }
 }

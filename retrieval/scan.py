@@ -5,9 +5,10 @@ to select: at 200K x 16 queries that is 12.8 MB out and back per call, and two p
 selection, around a GEMM that is skinny enough for OpenBLAS to run at half its rate. The C scan
 keeps a block of rows' scores for 16 queries (or 8, or 4) in registers and compares them with each query's
 running threshold at once; only the few rows under it are written. A single query has a kernel of
-its own (retrieval/_scan_single.h): 1.3 to 1.5 times as fast as numpy's GEMV at 200K (docs/benchmarks.md). Its windows satisfy the same
-contract as search._select (a superset of the rows within e of the kk-th score), so the float64
-re-rank makes the results equal either way; the tests check both paths against brute force.
+its own (retrieval/_scan_single.h), 1.3 to 1.5 times as fast as numpy's GEMV at 200K
+(docs/benchmarks.md). Its windows satisfy the same contract as search._select (a superset of the
+rows within e of the kk-th score), so the float64 re-rank makes the results equal either way;
+the tests check both paths against brute force.
 
 setup.py builds the library with the package; where it is missing (no C compiler at install) or
 fails to load, `windows` is None and the core uses the numpy path.
