@@ -19,7 +19,8 @@
 
 #define ROWS 8   /* rows per register tile: 8 accumulators of 16 lanes, a third of AVX-512's registers */
 #define BLOCK 512 /* rows per block, read chunk by chunk: runs of 128 KB for the prefetchers */
-#define SHARE (BLOCK * 64) /* rows a thread takes at a time (8 MB of a 64-wide chunk) */
+#define SHARE (BLOCK * 64) /* most rows a thread takes at a time (8 MB of a 64-wide chunk) */
+#define LAST_SHARE (BLOCK * 4) /* fewest, but for the end of the rows */
 #define SCAN_ABI 3        /* scan_abi_version(): raise with any change of scan_windows' arguments */
 
 
@@ -42,6 +43,7 @@ typedef struct {
     const int64_t *kk;
     const double *e;
     int64_t n, *next;  /* rows in all, and the first not yet taken by a thread */
+    int threads;       /* threads sharing the rows */
     /* this thread's rows and state */
     int64_t lo, hi;
     query_state *qs;
@@ -143,14 +145,26 @@ int scan_cpu_level(void) {
  * _scan.c (left in the source tree by an earlier install) is not loaded. */
 int scan_abi_version(void) { return SCAN_ABI; }
 
+/* Rows a thread takes when lo is the first left: half of its even part of what is left, in whole
+ * blocks, from LAST_SHARE to SHARE. Shares shrink as the rows run out, so the threads finish
+ * within a small share of each other (with SHARE rows each, 200K rows were 7 shares: 4 for one
+ * thread, 3 for the other). */
+static int64_t share(const work *w, int64_t lo) {
+    int64_t rows = (w->n - lo) / (2 * w->threads) / BLOCK * BLOCK;
+    return rows < LAST_SHARE ? LAST_SHARE : rows > SHARE ? SHARE : rows;
+}
+
 static void scan_rows(work *w) {
-    /* Threads take SHARE rows at a time rather than a fixed half each: on this VM a core that
-     * was idle runs slower for milliseconds, and the other then takes more of the work. */
+    /* Threads take shares as they go rather than a fixed part each: on this VM a core that was
+     * idle runs slower for milliseconds, and the other then takes more of the work. */
     for (;;) {
-        int64_t lo = __atomic_fetch_add(w->next, SHARE, __ATOMIC_RELAXED);
-        if (lo >= w->n || w->failed) return;
+        int64_t lo = __atomic_load_n(w->next, __ATOMIC_RELAXED), rows;
+        do {
+            if (lo >= w->n || w->failed) return;
+            rows = share(w, lo);
+        } while (!__atomic_compare_exchange_n(w->next, &lo, lo + rows, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
         w->lo = lo;
-        w->hi = lo + SHARE < w->n ? lo + SHARE : w->n;
+        w->hi = lo + rows < w->n ? lo + rows : w->n;
         switch (w->lanes) {
         case 16: scan_share_16(w); break;
         case 8: scan_share_8(w); break;
@@ -201,7 +215,8 @@ int scan_windows(int nsel, int64_t n, int d, const float *const *x, const float 
     for (int t = 0; t < threads; t++) {
         work *w = &ws[t];
         *w = (work){.nsel = nsel, .d = d, .ntiles = ntiles, .x = x, .norms = norms, .wnorm = wnorm,
-                    .qt = qt, .mask = mask, .kk = kk, .e = e, .n = n, .next = &next};
+                    .qt = qt, .mask = mask, .kk = kk, .e = e, .n = n, .next = &next,
+                    .threads = threads};
         w->qs = calloc(nq, sizeof(query_state));
         w->lanes = lanes;
         w->thr = malloc((size_t)ntiles * lanes * sizeof(float));
