@@ -72,7 +72,7 @@ def cases(draw):
         n_queries=draw(st.integers(1, 17)),
         allowed=draw(st.sampled_from([None, "mask", "ids"])),
         allowed_fraction=draw(st.sampled_from([0.0, 0.05, 0.5, 1.0])),
-        exclude=draw(st.sampled_from([None, "shared", "per-query"])),
+        exclude=draw(st.sampled_from([None, "shared", "per-query", "itself"])),
     )
 
 
@@ -99,8 +99,9 @@ def check_against_brute_force(backend, case):
     allowed = np.ones(n, bool) if case["allowed"] is None else rng.random(n) < case["allowed_fraction"]
     allowed_arg = {None: None, "mask": allowed, "ids": np.concatenate([ids[allowed], [10**12]])}
     absent = 10 * n + 11  # ids not in the store are ignored by both filters
-    if case["exclude"] == "per-query":
-        exclude = np.stack([rng.choice(np.append(ids, absent), 3) for _ in q])
+    if case["exclude"] in ("per-query", "itself"):  # itself: one id a query, as a query by an indexed image
+        exclude = np.stack([rng.choice(np.append(ids, absent), 3 if case["exclude"] == "per-query" else 1)
+                            for _ in q])
         excluded = list(exclude)
     else:
         exclude = None if case["exclude"] is None else np.append(rng.choice(ids, 4), absent)
