@@ -218,7 +218,7 @@ class Index:
         already: no second key lookup)."""
         known = isinstance(ref, (int, np.integer)) and self._holds(int(ref))
         i = int(ref) if known else self.resolve(ref)
-        return Query(self.store.vector(i), id=i, key=self.records([i])[0]["key"])
+        return Query(self.store.vector(i), id=i, key=self._lookup.key_of(i))
 
     def query_for_file(self, path: str | Path) -> Query:
         """Encode an outside image file with the index's model."""

@@ -1,5 +1,5 @@
-"""The two metadata lookups on every request's path: the id of an image's key, and the records
-(key, path, split, attributes) of the k results.
+"""The metadata lookups on every request's path: the id of an image's key (and the key of a query
+given by id), and the records (key, path, split, attributes) of the k results.
 
 Through SQLAlchemy each costs 0.25 to 1 ms of Python holding the GIL, about as much as
 searching one 200K-image chunk (docs/benchmarks.md, "One request"). On SQLite they run here as
@@ -25,10 +25,12 @@ _COLUMNS = "id, key, path, split, attributes"
 # one statement for any number of ids: the ids travel as one JSON array, read by json_each
 _RECORDS_SQL = f"SELECT {_COLUMNS} FROM images WHERE id IN (SELECT value FROM json_each(?))"
 _KEY_SQL = "SELECT id FROM images WHERE key = ?"
+_KEY_OF_SQL = "SELECT key FROM images WHERE id = ?"
 
 _RECORDS = select(Image.id, Image.key, Image.path, Image.split, Image.attributes).where(
     Image.id.in_(bindparam("ids", expanding=True)))
 _KEY = select(Image.id).where(Image.key == bindparam("key"))
+_KEY_OF = select(Image.key).where(Image.id == bindparam("id"))
 
 
 class RecordLookup:
@@ -63,6 +65,18 @@ class RecordLookup:
             return None if row is None else row[0]
         with self.engine.connect() as conn:
             return conn.scalar(_KEY, {"key": key})
+
+    def key_of(self, i: int) -> str:
+        """The key of id i (a query's, without decoding its attributes); KeyError if not stored."""
+        if self.prepared:
+            row = self._connection().execute(_KEY_OF_SQL, (int(i),)).fetchone()
+            key = None if row is None else row[0]
+        else:
+            with self.engine.connect() as conn:
+                key = conn.scalar(_KEY_OF, {"id": int(i)})
+        if key is None:
+            raise KeyError(i)
+        return key
 
     def records(self, ids: Sequence[int]) -> list[dict]:
         """id, key, path, split and attributes of each id, in the order given; KeyError for an

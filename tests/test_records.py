@@ -51,6 +51,14 @@ def test_key_lookup(lookup, db):
     assert lookup.id_of(str(next(iter(reference)))) is None  # an id is not a key
 
 
+def test_key_of_an_id(lookup, db):
+    reference = _orm_records(db)
+    for i in list(reference)[:50]:
+        assert lookup.key_of(i) == reference[i]["key"]
+    with pytest.raises(KeyError):
+        lookup.key_of(max(reference) + 1)
+
+
 def test_unknown_id_raises(lookup, db):
     with pytest.raises(KeyError):
         lookup.records([max(_orm_records(db)) + 1])
