@@ -9,7 +9,7 @@ the server has with one BLAS thread each, as the server runs them), then starts
 process: --clients threads, each with its own keep-alive connection, for --seconds per chunk
 set. Traffic goes to 127.0.0.1 only; every loop is bounded in time and count.
 
-    python bench/load_test.py [--n 200000] [--clients 16] [--threads 8] [--seconds 10]
+    python bench/load_test.py [--n 200000] [--clients 16] [--threads 16] [--seconds 10]
 """
 from __future__ import annotations
 
@@ -145,15 +145,16 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(index_dir: Path, threads: int):
-    """`retrieval serve INDEX --threads N` in a subprocess on a free loopback port, until the
-    block ends (then SIGTERM); yields its base URL."""
+def serving(index_dir: Path, threads: int, command: list[str] | None = None):
+    """`retrieval serve INDEX --threads N` (or command, which must answer GET /health) in a
+    subprocess on a free loopback port, given as --port, until the block ends (then SIGTERM);
+    yields its base URL."""
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    log = open(index_dir / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "retrieval", "serve", str(index_dir), "--port", str(port),
-                               "--threads", str(threads)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    command = command or ["-m", "retrieval", "serve", str(index_dir), "--threads", str(threads)]
+    log = open(index_dir / f"serve-{port}.log", "w")
+    server = subprocess.Popen([sys.executable, *command, "--port", str(port)], cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -162,7 +163,7 @@ def serving(index_dir: Path, threads: int):
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the server did not start; see {index_dir / 'serve.log'}")
+                    raise SystemExit(f"the server did not start; see {log.name}")
                 time.sleep(0.5)
         yield base
     finally:
@@ -191,7 +192,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200_000, help="Images in the synthetic index.")
     ap.add_argument("--clients", type=int, default=16, help="Concurrent client connections.")
-    ap.add_argument("--threads", type=int, default=8, help="Server worker threads (retrieval serve --threads).")
+    ap.add_argument("--threads", type=int, help="Server worker threads (default: retrieval serve's, 16).")
     ap.add_argument("--seconds", type=float, default=10, help="Measured seconds per chunk set.")
     ap.add_argument("--drive", metavar="URL", help=argparse.SUPPRESS)  # the client process
     ap.add_argument("--chunks", help=argparse.SUPPRESS)
@@ -199,8 +200,12 @@ def main():
     if args.drive:
         print(json.dumps(drive(args.drive, args.n, args.chunks, args.clients, args.seconds, warmup=1.0)))
         return
-    sys.path.insert(0, str(REPO / "bench"))
+    sys.path[:0] = [str(REPO), str(REPO / "bench")]
     from index_load import make_index
+
+    from api.serve import THREADS
+
+    args.threads = args.threads or THREADS
 
     with tempfile.TemporaryDirectory() as tmp:
         index_dir = Path(tmp)
