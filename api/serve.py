@@ -14,8 +14,13 @@ from .server import listening, make_server
 
 log = logging.getLogger(__name__)
 
+# Worker threads by default. Only requests that hold a thread can share a pass over the index (api/coalesce.py),
+# so throughput grows with threads up to the number of concurrent clients: 16 clients on 2 cores at 200K,
+# 1 chunk, got 356-359 req/s with 8 threads and 439-516 with 16, 32 or 64 (docs/benchmarks.md).
+THREADS = 16
 
-def serve(index: str | Path, host: str = "127.0.0.1", port: int = 5000, threads: int = 8, *,
+
+def serve(index: str | Path, host: str = "127.0.0.1", port: int = 5000, threads: int = THREADS, *,
           connection_limit: int = 100, channel_timeout: int = 30, allowed_hosts: Sequence[str] = (),
           ray: str | None = None) -> None:
     """Open INDEX once and answer requests until SIGINT or SIGTERM; in-flight requests finish.

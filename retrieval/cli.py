@@ -487,8 +487,9 @@ def ablate(data, preset, variants, steps, minutes, out, batch_size, seed, eval_s
 @click.argument("index_path", metavar="INDEX", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=5000, show_default=True)
-@click.option("--threads", type=click.IntRange(1, 64), default=8, show_default=True,
-              help="Worker threads (concurrent searches with equal options share a pass over the index).")
+@click.option("--threads", type=click.IntRange(1, 64), default=16, show_default=True,  # api.serve.THREADS
+              help="Worker threads: concurrent searches with equal options share a pass over the index, so "
+                   "give at least as many as the clients that search at once.")
 @click.option("--connection-limit", type=click.IntRange(8, 1000), default=100, show_default=True,
               help="Open connections at most; at the limit a new one closes the oldest idle one.")
 @click.option("--channel-timeout", type=click.IntRange(1, 3600), default=30, show_default=True,

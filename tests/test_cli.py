@@ -1,5 +1,6 @@
 """`retrieval train` / `transfer` / `demo` end to end, on real and generated data, and their
 one-line errors for bad input."""
+import inspect
 import os
 from pathlib import Path
 
@@ -222,3 +223,12 @@ def test_with_a_gpu_sprites_keeps_the_papers_preset(monkeypatch):
     assert _default_preset("sprites", on_gpu=True) == "sprites"
     assert _default_preset("sprites", on_gpu=False) == "sprites-cpu"
     assert _default_preset("mnist", on_gpu=False) == "mnist"
+
+
+def test_serve_threads_default_is_the_servers():
+    """`retrieval serve --threads` defaults to api.serve.THREADS (the CLI avoids importing Flask)."""
+    from api.serve import THREADS, serve
+    from retrieval.cli import serve as serve_command
+
+    option = next(p for p in serve_command.params if p.name == "threads")
+    assert option.default == THREADS == inspect.signature(serve).parameters["threads"].default
