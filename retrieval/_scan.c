@@ -114,6 +114,13 @@ static void admit(work *w, int q, int64_t row, float score) {
     if (s->size == kk) w->thr[q] = up((double)s->heap[0] + w->e[q]);
 }
 
+/* Rows [b, b + n)'s scores before their dot products: sum over chosen chunks of fl(w_c * norm_c). */
+static inline __attribute__((always_inline)) void block_base(const work *w, int64_t b, int n, float *base) {
+    for (int j = 0; j < n; j++) base[j] = 0.0f;
+    for (int c = 0; c < w->nsel; c++)
+        for (int j = 0; j < n; j++) base[j] += w->wnorm[c] * w->norms[c][b + j];
+}
+
 #define LANES 16
 #include "_scan_lanes.h"
 #define LANES 8

@@ -77,9 +77,7 @@ static inline __attribute__((always_inline)) void NAME(scan_range)(work *w, cons
     float base[BLOCK];
     for (int64_t b = w->lo; b < w->hi && !w->failed; b += BLOCK) {
         const int n = w->hi - b < BLOCK ? (int)(w->hi - b) : BLOCK;
-        for (int j = 0; j < n; j++) base[j] = 0.0f;
-        for (int c = 0; c < w->nsel; c++)
-            for (int j = 0; j < n; j++) base[j] += w->wnorm[c] * w->norms[c][b + j];
+        block_base(w, b, n, base);
         if (w->nsel == 1) { /* scored and compared in registers: a fifth faster than through buf */
             int j = 0;
             for (; j + ROWS <= n; j += ROWS) NAME(single_tile)(w, b + j, j, ROWS, d, base);

@@ -37,9 +37,7 @@ static inline __attribute__((always_inline)) void scan_range_1(work *w, const in
     float sc[BLOCK];
     for (int64_t b = w->lo; b < w->hi && !w->failed; b += BLOCK) {
         const int n = w->hi - b < BLOCK ? (int)(w->hi - b) : BLOCK;
-        for (int j = 0; j < n; j++) sc[j] = 0.0f;
-        for (int c = 0; c < w->nsel; c++)
-            for (int j = 0; j < n; j++) sc[j] += w->wnorm[c] * w->norms[c][b + j];
+        block_base(w, b, n, sc);
         for (int c = 0; c < w->nsel; c++) {
             const float *x = w->x[c] + b * d, *q = w->qt + (int64_t)c * d;
             for (int j = 0; j < n; j++) sc[j] += dot_one(x + (int64_t)j * d, q, d);

@@ -500,22 +500,17 @@ def _allowed(store: ChunkStore, allowed: np.ndarray | None) -> np.ndarray | None
 
 def _exclusions(store: ChunkStore, exclude_ids, n_queries: int, valid: np.ndarray | None) -> list[np.ndarray]:
     """Per query, the sorted store positions of its excluded ids that could otherwise be found."""
-
-    def positions(ids: np.ndarray) -> np.ndarray:
-        pos, found = store._positions(ids.astype(np.int64))
-        pos = np.unique(pos[found])
-        return pos if valid is None else pos[valid[pos]]
-
     e = None if exclude_ids is None else np.asarray(exclude_ids)
     if e is None or not e.size:
         return [np.empty(0, np.intp)] * n_queries
     if e.dtype.kind not in "iu" or e.ndim not in (1, 2) or (e.ndim == 2 and len(e) != n_queries):
         raise RetrievalError(f"exclude_ids must be ids excluded for every query, or a ({n_queries}, m) "
                              "array with one row of ids per query")
-    if e.ndim == 1:
-        return [positions(e)] * n_queries
-    if e.shape[1] == 1:  # one id a query (queries by indexed images): one lookup for all of them
-        pos, found = store._positions(e[:, 0].astype(np.int64))
-        kept = found if valid is None else found & valid[pos]
-        return [pos[i:i + 1] if kept[i] else pos[:0] for i in range(n_queries)]
-    return [positions(r) for r in e]
+    rows = e.reshape(-1, e.shape[-1])  # a row of ids per query, or one row for all of them
+    pos, found = store._positions(rows.reshape(-1).astype(np.int64))  # one lookup for every row
+    if valid is not None:
+        found &= valid[pos]
+    pos, found = pos.reshape(rows.shape), found.reshape(rows.shape)
+    # one id a row (queries by indexed images, excluding themselves) needs no np.unique
+    each = [p[f] if rows.shape[1] == 1 else np.unique(p[f]) for p, f in zip(pos, found)]
+    return each * n_queries if e.ndim == 1 else each

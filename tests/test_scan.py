@@ -96,8 +96,8 @@ def test_every_chunk_width_and_query_tile_equals_brute_force(dim, n_queries):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("n_queries", [1, 5])
 def test_rows_split_over_threads_equal_brute_force(monkeypatch, threads, n_queries):
-    # 140,000 rows are 5 shares of 32K: each thread takes several, keeps its heaps across them,
-    # and the threads' heaps are merged at the end
+    # 140,000 rows go in shares shrinking from 32K to 2K rows: each thread takes several, keeps
+    # its heaps across them, and the threads' heaps are merged at the end
     rng = np.random.default_rng(5)
     n = 140_000
     feats, ids = make_data(rng, n, 2, 16, levels=4)
